@@ -1,0 +1,59 @@
+# Two commands on a fresh machine:  `make run` (set up + run the default pipeline)
+#                                    `make test` (set up + run the test suite)
+# Set-up uses the active virtualenv/conda env if there is one, otherwise creates .venv.
+# Where no NVIDIA GPU is present, torch is installed as $(TORCH_CPU) first (a CPU build on these
+# machines), so that resolving the other dependencies never pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_CPU ?= torch==2.13.0
+CORES ?= all
+PYTEST_ARGS ?=
+
+ifdef VIRTUAL_ENV
+BIN := $(VIRTUAL_ENV)/bin
+else ifdef CONDA_PREFIX
+BIN := $(CONDA_PREFIX)/bin
+else
+BIN := $(VENV)/bin
+endif
+STAMP := $(BIN)/.sparsescale-setup
+
+.PHONY: setup run test smoke lint dryrun-paper bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv "$(VENV)"
+	"$(BIN)/python" -m pip install -q --upgrade pip
+	@if "$(BIN)/python" -c "import torch" 2>/dev/null; then \
+	  echo "torch already installed: $$("$(BIN)/python" -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU found: installing torch with CUDA"; "$(BIN)/python" -m pip install -q torch; \
+	else \
+	  echo "no GPU: installing $(TORCH_CPU)"; "$(BIN)/python" -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	"$(BIN)/python" -m pip install -q -e ".[dev]"
+	@touch "$(STAMP)"
+
+## run: set up and run the default pipeline (config/default.yaml) end to end
+run: setup
+	"$(BIN)/snakemake" --cores $(CORES) --workflow-profile workflow/profiles/default
+
+## test: set up and run the test suite
+test: setup
+	"$(BIN)/python" -m pytest -q $(PYTEST_ARGS) tests
+
+## smoke: the seconds-scale config end to end
+smoke: setup
+	"$(BIN)/snakemake" --cores $(CORES) --configfile config/smoke.yaml --workflow-profile workflow/profiles/default
+
+lint: setup
+	"$(BIN)/snakemake" --lint
+	"$(BIN)/snakefmt" --check Snakefile workflow/rules
+
+dryrun-paper: setup
+	"$(BIN)/snakemake" -n --configfile config/paper.yaml --workflow-profile workflow/profiles/slurm
+
+clean:
+	rm -rf results logs .snakemake report.html

@@ -1,0 +1,2 @@
+"""sparsescale."""
+__version__ = "0.1.0"

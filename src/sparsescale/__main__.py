@@ -1,0 +1,5 @@
+import sys
+
+from sparsescale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""`sparsescale bench train-step`: time of one training step (forward + backward + AdamW) of a Q-Sparse model
+divided by the dense model of the same shape, measured side by side (interleaved) in one run.
+
+Goal (issue 2): <= 1.15x at S = 0.5 on CPU for d_model=512, seq 256, batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparsescale.bench.timing import interleaved_median_ms
+from sparsescale.config import ModelArgs
+from sparsescale.io import write_json
+
+
+def _step_fn(model, ids, opt, device):
+    def step():
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_step(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsescale bench train-step", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="512x4x256x8,256x4x256x8",
+                   help="comma list of d_model x n_layers x seq x batch (default 512x4x256x8,256x4x256x8)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the rows as JSON here")
+    a = p.parse_args(argv)
+
+    from sparsescale import model as M, qsparse as Q
+
+    rows = []
+    print(f"device={a.device} threads={torch.get_num_threads()}")
+    print(f"{'d_model':>7} {'layers':>6} {'seq':>4} {'batch':>5} {'variant':>14} {'dense ms':>9} {'qsparse ms':>10} {'ratio':>6}")
+    for shape in a.shapes.split(","):
+        d, nl, seq, bs = (int(v) for v in shape.lower().split("x"))
+        args = ModelArgs(d_model=d, n_layers=nl, n_heads=max(1, d // 64), ffn_dim=int(32 * -(-8 * d // 3 // 32)))
+        ids = torch.randint(0, a.vocab_size, (bs, seq), device=a.device)
+        variants = [("fp", s) for s in a.sparsity] + [("1.58", s) for s in a.sparsity]
+        fns = {}
+        dense = M.build(args, a.vocab_size, max_seq_len=seq, seed=0).to(a.device)
+        fns["dense"] = _step_fn(dense, ids, torch.optim.AdamW(dense.parameters(), lr=1e-4), a.device)
+        for wb, s in variants:
+            m = M.build(args, a.vocab_size, max_seq_len=seq, seed=0).to(a.device)
+            Q.convert(m, s, weight_bits=wb, act_bits=8 if wb == "1.58" else None)
+            fns[f"{wb}/S={s}"] = _step_fn(m, ids, torch.optim.AdamW(m.parameters(), lr=1e-4), a.device)
+        ms = interleaved_median_ms(fns, repeats=a.repeats, device=a.device)
+        for name in fns:
+            if name == "dense":
+                continue
+            row = {"d_model": d, "n_layers": nl, "seq": seq, "batch": bs, "variant": name, "device": a.device,
+                   "dense_ms": ms["dense"], "qsparse_ms": ms[name], "ratio": ms[name] / ms["dense"]}
+            rows.append(row)
+            print(f"{d:>7} {nl:>6} {seq:>4} {bs:>5} {name:>14} {row['dense_ms']:>9.1f} {row['qsparse_ms']:>10.1f} {row['ratio']:>6.2f}")
+    if a.out:
+        write_json(a.out, {"rows": rows})
+    return 0

@@ -1,0 +1,127 @@
+"""Model sizes ("flavors") and the parameter-count convention, written once.
+
+Features
+- A named size table: tiny CPU sizes `d1`..`d12` derived from one depth knob (nanochat style:
+  n_layers = depth, d_model = 32 * depth, head_dim = 32, GLU width = 8/3 d_model rounded up to 32),
+  and the Q-Sparse paper's shapes `300M`, `700M`, `1.3B`, `7B` (hidden 1024/1536/2048/4096,
+  GLU 2730/4096/5460/11008, 24/24/24/32 layers).
+- `count_params(size, vocab_size)`: the convention used everywhere —
+    n_params       = N = non-embedding parameters (attention + GLU + RMSNorm weights; no embedding, no LM head)
+    n_params_total = N + input embedding + LM head (untied)
+    n_active       = parameters touched per token at sparsity S: every projection reads only
+                     K = round((1 - S) D_in) of its D_in input columns.
+  It is checked against `numel()` of the built model for every entry of the table (tests).
+- `cli_sizes`: `sparsescale sizes` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+from sparsescale.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of a Llama-style decoder; everything else about the model is standard HF Llama."""
+
+    d_model: int
+    """hidden size (residual stream width)"""
+    n_layers: int
+    """number of decoder layers"""
+    n_heads: int
+    """attention heads; head_dim = d_model / n_heads"""
+    ffn_dim: int
+    """GLU intermediate size (gate/up output, down input)"""
+    n_kv_heads: int | None = None
+    """key/value heads (grouped-query attention); None = n_heads"""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(multiple * math.ceil(x / multiple))
+
+
+def flavor_from_depth(depth: int, aspect: int = 32, head_dim: int = 32) -> ModelArgs:
+    """The depth knob: one integer sets width, layers, heads and GLU width."""
+    d_model = aspect * depth
+    return ModelArgs(d_model=d_model, n_layers=depth, n_heads=max(1, d_model // head_dim),
+                     ffn_dim=_round_up(8 * d_model / 3, 32))
+
+
+SIZES: dict[str, ModelArgs] = {f"d{depth}": flavor_from_depth(depth) for depth in range(1, 13)}
+SIZES.update({
+    # the Q-Sparse paper's shapes (head_dim 128)
+    "300M": ModelArgs(d_model=1024, n_layers=24, n_heads=8, ffn_dim=2730),
+    "700M": ModelArgs(d_model=1536, n_layers=24, n_heads=12, ffn_dim=4096),
+    "1.3B": ModelArgs(d_model=2048, n_layers=24, n_heads=16, ffn_dim=5460),
+    "7B": ModelArgs(d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008),
+})
+
+
+def get_size(name: str) -> ModelArgs:
+    if name not in SIZES:
+        raise UserError(f"unknown model size {name!r}: choose one of {', '.join(SIZES)} (sparsescale sizes)")
+    return SIZES[name]
+
+
+def check_sparsity(sparsity: float, where: str = "sparsity") -> float:
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must be a number in [0, 1): got {sparsity!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise UserError(f"{where} must be in [0, 1): got {sparsity!r}; use e.g. 0.5 for 50% of inputs zeroed")
+    return s
+
+
+def kept(d_in: int, sparsity: float) -> int:
+    """K = round((1 - S) D_in), at least 1: the number of inputs a projection keeps per token."""
+    return max(1, min(d_in, int(round((1.0 - sparsity) * d_in))))
+
+
+def linear_shapes(args: ModelArgs) -> list[tuple[str, int, int]]:
+    """(role, d_in, d_out) of every projection of one decoder layer."""
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    d, f = args.d_model, args.ffn_dim
+    return [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d), ("gate", d, f), ("up", d, f), ("down", f, d)]
+
+
+def count_params(args: ModelArgs | str, vocab_size: int, sparsity: float = 0.0) -> dict[str, int]:
+    """The parameter-count convention (see the module docstring)."""
+    if isinstance(args, str):
+        args = get_size(args)
+    shapes = linear_shapes(args)
+    per_layer_linear = sum(i * o for _, i, o in shapes)
+    per_layer_active = sum(kept(i, sparsity) * o for _, i, o in shapes)
+    norms_per_layer = 2 * args.d_model  # input_layernorm + post_attention_layernorm (RMSNorm weights)
+    n_params = args.n_layers * (per_layer_linear + norms_per_layer) + args.d_model  # + final norm
+    n_active = args.n_layers * (per_layer_active + norms_per_layer) + args.d_model
+    embedding = 2 * vocab_size * args.d_model  # input embedding + untied LM head
+    return {"n_params": n_params, "n_params_total": n_params + embedding, "n_active": n_active,
+            "n_embedding": embedding}
+
+
+def cli_sizes(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsescale sizes", description=__doc__.split("\n")[0])
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary for n_params_total (default 8192)")
+    a = p.parse_args(argv)
+    print(f"{'size':>6} {'d_model':>7} {'layers':>6} {'heads':>5} {'ffn':>6} {'N (non-emb)':>14} {'N total':>14}")
+    for name, args in SIZES.items():
+        c = count_params(args, a.vocab_size)
+        print(f"{name:>6} {args.d_model:>7} {args.n_layers:>6} {args.n_heads:>5} {args.ffn_dim:>6} "
+              f"{c['n_params']:>14,} {c['n_params_total']:>14,}")
+    return 0
+
+
+def size_dict(name: str) -> dict:
+    return {"size": name, **asdict(get_size(name))}

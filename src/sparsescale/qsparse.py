@@ -1,0 +1,307 @@
+"""Q-Sparse: top-K activation sparsity (+ BitNet b1.58) as a module converter for HF decoder models.
+
+Features
+- `convert(model, sparsity, weight_bits="fp"|"1.58", act_bits=None|8, block=None, rescale=False)` swaps every
+  `nn.Linear` inside the decoder layers (q/k/v/o, gate/up/down; not the embeddings, not the LM head) for a
+  `QSparseLinear` in place; the model stays a plain HF model and the settings go to `config.qsparse`.
+- Top-K by magnitude per token along the input dimension, K = round((1 - S) D_in), straight-through
+  gradient (dY/dX = dY/d(X*M)), exactly K kept per token (ties broken by position).
+  CPU fp32 uses a fused numba kernel (per-row quickselect + one masking pass); elsewhere torch.topk + scatter.
+- Block Q-Sparse (N:M): top-K inside each block of `block` consecutive inputs.
+- BitNet b1.58: per-token absmax 8-bit activations (mask computed on the unquantized input), per-tensor
+  absmean ternary weights with latent fp weights, both with the STE.
+- Optional L2 re-scaling of the sparsified input to the norm of the dense input (paper text; off by default,
+  the official code does not do it).
+- Inputs shared by several projections (q/k/v; gate/up) are sparsified once: the projections of one parent
+  module share a one-entry cache keyed on the input tensor's identity.
+- `measured_sparsity(model, input_ids)`: fraction of zero inputs per projection type and overall, weighted by
+  the size of the weight each input feeds (the paper's Table 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsescale.config import check_sparsity, kept
+from sparsescale.errors import UserError
+
+WEIGHT_BITS = ("fp", "1.58")
+ACT_BITS = (None, 8)
+# projection name -> the group reported in measured sparsity (paper Table 2 layout)
+PROJECTION_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
+                     "gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down"}
+
+
+@dataclass(frozen=True)
+class QSparseSettings:
+    sparsity: float = 0.0
+    weight_bits: str = "fp"
+    act_bits: int | None = None
+    block: int | None = None
+    rescale: bool = False
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        if self.weight_bits not in WEIGHT_BITS:
+            raise UserError(f"weight_bits must be one of {WEIGHT_BITS}: got {self.weight_bits!r}")
+        if self.act_bits not in ACT_BITS:
+            raise UserError(f"act_bits must be None (full precision) or 8: got {self.act_bits!r}")
+        if self.block is not None and (not isinstance(self.block, int) or self.block < 2):
+            raise UserError(f"block must be None or an integer >= 2 (N:M block size M): got {self.block!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top-K selection
+
+def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x with all but the k largest-|x| entries of the last dim zeroed (exactly k kept)."""
+    idx = torch.topk(x.abs(), k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+
+_numba_kernel = None
+
+
+def _get_numba_kernel():
+    """Compile (once, cached on disk) the fused CPU kernel: per row, quickselect the k-th largest |x|, then keep
+    every entry above it and the first ties up to exactly k."""
+    global _numba_kernel
+    if _numba_kernel is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True, fastmath=False)
+        def topk_rows(x, k, out):  # x, out: (R, D) float32
+            R, D = x.shape
+            for r in numba.prange(R):
+                a = np.abs(x[r])
+                thr = np.partition(a, D - k)[D - k]  # k-th largest magnitude
+                n_gt = 0
+                for j in range(D):
+                    if a[j] > thr:
+                        n_gt += 1
+                ties = k - n_gt
+                for j in range(D):
+                    v = a[j]
+                    if v > thr:
+                        out[r, j] = x[r, j]
+                    elif v == thr and ties > 0:
+                        out[r, j] = x[r, j]
+                        ties -= 1
+                    else:
+                        out[r, j] = 0.0
+
+        _numba_kernel = topk_rows
+    return _numba_kernel
+
+
+def _numba_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest-magnitude entries of the last dimension of x, per row (no gradient logic here)."""
+    d = x.shape[-1]
+    if k >= d:
+        return x
+    if _numba_ok(x):
+        try:
+            kernel = _get_numba_kernel()
+        except ImportError:  # numba missing: torch path
+            return _topk_torch(x, k)
+        import numba
+
+        if numba.get_num_threads() != min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        x2 = x.detach().reshape(-1, d).contiguous()
+        out = torch.empty_like(x2)
+        kernel(x2.numpy(), k, out.numpy())
+        return out.view_as(x)
+    return _topk_torch(x, k)
+
+
+def block_topk_sparsify(x: torch.Tensor, block: int, k: int) -> torch.Tensor:
+    """N:M sparsity: keep the k largest-|x| entries inside every block of `block` consecutive inputs."""
+    d = x.shape[-1]
+    if d % block:
+        raise UserError(f"block={block} does not divide the input dimension {d}: choose a block size that divides it")
+    xb = x.reshape(*x.shape[:-1], d // block, block)
+    return topk_sparsify(xb, k).reshape(x.shape)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: f(x) computed outside autograd; backward: the identity (dY/dX = dY/df)."""
+
+    @staticmethod
+    def forward(ctx, x, fx):
+        return fx
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ste(x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """Value fx, gradient of the identity w.r.t. x (no extra tensors saved for backward)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return fx
+    return _StraightThrough.apply(x, fx.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BitNet b1.58 quantizers (fake-quant: values on the grid, kept in floating point)
+
+def quant_act_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax 8-bit: gamma = max|x| (>= 1e-5), Q = RoundClip(127/gamma x, -128, 127) * gamma/127."""
+    gamma = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
+    return (x * (127.0 / gamma)).round().clamp(-128, 127) * (gamma / 127.0)
+
+
+def quant_weight_ternary(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-tensor absmean ternary: alpha = mean|W|, Q = RoundClip(W/(alpha+eps), -1, 1) * alpha."""
+    alpha = w.abs().mean()
+    return (w / (alpha + eps)).round().clamp(-1, 1) * alpha
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+class _SharedInputCache:
+    """One-entry cache shared by the projections of one parent module (q/k/v read the same tensor)."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+
+class QSparseLinear(nn.Linear):
+    """nn.Linear whose input is top-K sparsified (and optionally 8-bit quantized) and whose weight is optionally
+    ternary. Same parameters and state_dict keys as the nn.Linear it replaces."""
+
+    def __init__(self, in_features, out_features, bias=True, settings=QSparseSettings(), device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.settings = settings
+        self.k = kept(in_features if settings.block is None else settings.block, settings.sparsity)
+        self._cache = _SharedInputCache()
+        self.record = None  # set to a list by `measured_sparsity` to collect (zeros, total)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, settings: QSparseSettings, cache: _SharedInputCache) -> "QSparseLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight, new.bias = lin.weight, lin.bias  # share the parameters: no copy, same keys
+        new.settings = settings
+        new.k = kept(lin.in_features if settings.block is None else settings.block, settings.sparsity)
+        new._cache = cache
+        new.record = None
+        return new
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (f"{super().extra_repr()}, sparsity={s.sparsity}, k={self.k}, weight_bits={s.weight_bits}, "
+                f"act_bits={s.act_bits}, block={s.block}, rescale={s.rescale}")
+
+    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformed input X*M (rescaled / quantized as configured), with the STE."""
+        s = self.settings
+        if s.sparsity == 0.0:
+            xs = x
+        else:
+            fx = (topk_sparsify(x.detach(), self.k) if s.block is None
+                  else block_topk_sparsify(x.detach(), s.block, self.k))
+            xs = ste(x, fx)
+            if s.rescale:
+                xs = xs * (x.norm(dim=-1, keepdim=True) / xs.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        if s.act_bits == 8:
+            xs = ste(xs, quant_act_int8(xs.detach()))
+        return xs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self._cache
+        if c.key is not x:
+            c.key, c.value = x, self.sparsify_input(x)
+        xs = c.value
+        if self.record is not None:
+            self.record.append((int((xs == 0).sum()), xs.numel()))
+        w = self.weight
+        if self.settings.weight_bits == "1.58":
+            w = ste(w, quant_weight_ternary(w.detach()))
+        return F.linear(xs, w.to(xs.dtype) if w.dtype != xs.dtype else w, self.bias)
+
+
+def convert(model: nn.Module, sparsity: float, weight_bits: str = "fp", act_bits: int | None = None,
+            block: int | None = None, rescale: bool = False) -> nn.Module:
+    """Swap every nn.Linear inside the decoder layers for a QSparseLinear, in place; return the model.
+
+    A model converted before is re-converted with the new settings. sparsity=0, weight_bits="fp" leaves the
+    outputs identical to the unconverted model.
+    """
+    from sparsescale.model import decoder_layers
+
+    settings = QSparseSettings(float(sparsity), weight_bits, act_bits, block, bool(rescale))
+    n = 0
+    for layer in decoder_layers(model):
+        for parent in layer.modules():
+            cache = _SharedInputCache()
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, QSparseLinear.from_linear(child, settings, cache))
+                    n += 1
+    if n == 0:
+        raise UserError(f"convert found no nn.Linear inside the decoder layers of {type(model).__name__}")
+    model.config.qsparse = asdict(settings)
+    return model
+
+
+def qsparse_linears(model: nn.Module):
+    """(name, module) of every QSparseLinear."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QSparseLinear)]
+
+
+@contextlib.contextmanager
+def _recording(model):
+    mods = qsparse_linears(model)
+    for _, m in mods:
+        m.record = []
+    try:
+        yield mods
+    finally:
+        for _, m in mods:
+            m.record = None
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
+    """Fraction of zero inputs per projection group (qkv, o, gate_up, down) and overall for one batch.
+
+    Each projection's fraction is weighted by the number of weights its inputs feed (D_in x D_out), so
+    `overall` is the fraction of weight reads skipped. Works on dense models after `convert(model, 0)`.
+    """
+    if not qsparse_linears(model):
+        raise UserError("measured_sparsity needs a converted model: call qsparse.convert(model, sparsity) first")
+    was_training = model.training
+    model.eval()
+    with _recording(model) as mods:
+        model(input_ids=input_ids)
+        zeros_w: dict[str, float] = {}
+        total_w: dict[str, float] = {}
+        for name, m in mods:
+            group = PROJECTION_GROUPS.get(name.rsplit(".", 1)[-1], "other")
+            z = sum(a for a, _ in m.record)
+            t = sum(b for _, b in m.record)
+            if t == 0:
+                continue
+            w = m.weight.numel()
+            zeros_w[group] = zeros_w.get(group, 0.0) + z / t * w
+            total_w[group] = total_w.get(group, 0.0) + w
+    model.train(was_training)
+    out = {g: zeros_w[g] / total_w[g] for g in sorted(total_w)}
+    out["overall"] = sum(zeros_w.values()) / sum(total_w.values())
+    return out

@@ -1,0 +1,616 @@
+"""Scaling laws of loss in model size N and activation sparsity S, and the inference-optimal sparsity.
+
+    L(N, S) = E + A(S) / N^alpha
+    paper form:  A(S) = B + C * exp(beta / (1 - S))
+    card form:   A(S) = B + C * exp(beta * S / (1 - S))      (same family: C_card = C_paper * e^beta)
+
+N is the number of non-embedding parameters (`n_params`), S the target sparsity, L the validation loss
+in nats/token. With activated parameters N_a = N (1 - S) the loss at fixed inference cost is
+E + A(S) (1 - S)^alpha / N_a^alpha, so S* = argmin_S A(S) (1 - S)^alpha, independent of N_a and E.
+
+Notable features:
+- one law implementation: every form (paper, card, and the dense per-S baseline E + A/N^alpha) is a
+  log-sum-exp of terms that are *linear* in the fitted parameters, so one objective with an analytic
+  gradient serves them all (`_objective`);
+- Chinchilla approach 3: summed Huber loss (delta = 1e-3) on log loss, L-BFGS-B from a grid of
+  initialisations, best kept; tight tolerances because the objective is tiny (~1e-4) and scipy's default
+  stops early on it; the number of starts, converged starts and parameters on a bound are reported;
+- log N is centred inside the fit (better conditioning of B, C against alpha); reported constants are in
+  the units of `n_params` as given;
+- bootstrap intervals (resampled runs, seeded in the parent so results do not depend on --jobs; each
+  resample warm-started from the full-data fit), leave-one-size-out extrapolation and a model comparison;
+- S* by a dense grid on [0, 1) (fine near 1) then a bounded scalar search, with S* = 0 and
+  "no finite optimum" (monotone) edges; the inverse question for a fixed activated-parameter budget;
+- the paper's printed constants evaluated, with the range their rounding admits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from sparsescale.errors import UserError
+
+FORMS = ("paper", "card")
+PARAM_NAMES = ("E", "B", "C", "alpha", "beta")
+
+# The constants printed in the Q-Sparse paper (full precision); the unit of N is not stated there.
+PAPER_CONSTANTS = {"E": 1.86, "B": 0.01, "C": 1.89, "alpha": 0.10, "beta": 0.05}
+# S* stated in the paper (full precision, 1.58-bit). The rounded constants above give about 50.2%.
+PAPER_S_STAR = {"fp": 0.4558, "1.58": 0.6125}
+
+DELTA = 1e-3  # Huber threshold on log loss (Chinchilla / Epoch AI)
+LEVEL = 0.95  # confidence level of the bootstrap intervals
+REQUIRED = ("n_params", "sparsity", "val_loss")
+MIN_SIZES, MIN_SPARSITIES = 2, 3  # A(S) has 3 parameters (B, C, beta): 3 sparsities; alpha, E need 2 sizes
+# L-BFGS-B stops when f changes by < ftol * max(|f|, 1); with f ~ 1e-4 the default (2e-9) stops early.
+_LBFGS = {"ftol": 1e-14, "gtol": 1e-10}
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise UserError(f"unknown law form {form!r}: use one of {', '.join(FORMS)}")
+
+
+def _x_of_s(s, form: str):
+    """The argument of exp(beta * x) in A(S): 1/(1-S) (paper) or S/(1-S) (card)."""
+    s = np.asarray(s, dtype=float)
+    return 1.0 / (1.0 - s) if form == "paper" else s / (1.0 - s)
+
+
+def a_of_s(params: dict, s, form: str = "paper"):
+    """A(S) of the law, vectorised over `s` in [0, 1)."""
+    _check_form(form)
+    return params["B"] + params["C"] * np.exp(params["beta"] * _x_of_s(s, form))
+
+
+def law(params: dict, n, s, form: str = "paper"):
+    """Predicted loss L(N, S) (nats/token), vectorised over `n` (non-embedding params) and `s`."""
+    n = np.asarray(n, dtype=float)
+    return params["E"] + a_of_s(params, s, form) / n ** params["alpha"]
+
+
+def inference_cost_factor(params: dict, s, form: str = "paper"):
+    """A(S) (1 - S)^alpha: the loss term at fixed activated parameters N_a; S* minimises it."""
+    s = np.asarray(s, dtype=float)
+    return a_of_s(params, s, form) * (1.0 - s) ** params["alpha"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One objective for every law: log L = logsumexp_k (F_k @ p), Huber on log L - log y, summed.
+#
+# Law (paper / card), p has 5 entries, z = log N - log N_ref, x = _x_of_s(S):
+#   p[0] = log E, p[1] = log B', p[2] = log C', p[3] = alpha, p[4] = beta
+#   terms: log E | log B' - alpha z | log C' + beta x - alpha z,   B = B' N_ref^alpha, C = C' N_ref^alpha
+# Dense baseline at one S, q has 3 entries:
+#   q[0] = log E, q[1] = log A', q[2] = alpha;  terms: log E | log A' - alpha z,   A = A' N_ref^alpha
+
+
+def _law_design(z, x):
+    """Stacked term matrix (K * n, 5) with K = 3 terms; row k * n + i is term k of run i."""
+    n = len(z)
+    F = np.zeros((3, n, 5))
+    F[0, :, 0] = 1.0
+    F[1, :, 1], F[1, :, 3] = 1.0, -z
+    F[2, :, 2], F[2, :, 3], F[2, :, 4] = 1.0, -z, x
+    return F.reshape(3 * n, 5)
+
+
+def _dense_design(z):
+    n = len(z)
+    F = np.zeros((2, n, 3))
+    F[0, :, 0] = 1.0
+    F[1, :, 1], F[1, :, 2] = 1.0, -z
+    return F.reshape(2 * n, 3)
+
+
+def _huber(r, delta):
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def _objective(p, F, log_y, delta=DELTA):
+    """Summed Huber loss of log predictions and its gradient; p (P,), F (K*n, P), log_y (n,)."""
+    T = (F @ p).reshape(-1, len(log_y))  # (K, n) log of each term
+    m = T.max(axis=0)
+    w = np.exp(T - m)  # (K, n)
+    s = w.sum(axis=0)
+    r = m + np.log(s) - log_y  # (n,) residual in log space
+    dr = np.clip(r, -delta, delta)  # Huber derivative
+    return float(_huber(r, delta).sum()), (w * (dr / s)).ravel() @ F
+
+
+def _objective_many(P, F, log_y, delta=DELTA):
+    """The objective at many parameter vectors at once, P (G, P) -> (G,); used to screen start grids."""
+    T = (F @ P.T).reshape(-1, len(log_y), len(P))  # (K, n, G)
+    m = T.max(axis=0)
+    r = m + np.log(np.exp(T - m).sum(axis=0)) - log_y[:, None]
+    return _huber(r, delta).sum(axis=0)
+
+
+def _minimise(F, log_y, starts, bounds, delta=DELTA, maxiter=2000):
+    """L-BFGS-B from every start; -> (best p, best objective, n converged near the best, all results)."""
+    from scipy.optimize import minimize
+
+    opts = dict(_LBFGS, maxiter=maxiter)
+    results = [minimize(_objective, p0, args=(F, log_y, delta), jac=True, method="L-BFGS-B", bounds=bounds, options=opts) for p0 in starts]
+    best = min(results, key=lambda r: r.fun)
+    return best.x, float(best.fun), results
+
+
+def _screen(grid, F, log_y, k, delta=DELTA):
+    """The k grid points with the lowest starting objective."""
+    if k is None or k >= len(grid):
+        return grid
+    return grid[np.argsort(_objective_many(grid, F, log_y, delta), kind="stable")[:k]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input
+
+
+def validate_runs(runs, what: str = "runs"):
+    """Check a runs table; -> (finished runs, list of failed runs (NaN val_loss) as dicts)."""
+    import pandas as pd
+
+    if not isinstance(runs, pd.DataFrame):
+        runs = pd.DataFrame(runs)
+    absent = [c for c in REQUIRED if c not in runs.columns]
+    if absent:
+        raise UserError(f"{what} lacks column(s) {', '.join(absent)}: a runs table needs {', '.join(REQUIRED)} (e.g. from `sparsescale aggregate`)")
+    runs = runs.copy()
+    for col in REQUIRED:
+        try:
+            runs[col] = runs[col].astype(float)
+        except (TypeError, ValueError):
+            raise UserError(f"{what}: column {col} must be numeric: got values like {runs[col].iloc[0]!r}") from None
+    for col in ("n_params", "sparsity"):
+        bad = runs[col].isna() | ~np.isfinite(runs[col])
+        if bad.any():
+            raise UserError(f"{what}: column {col} has {int(bad.sum())} NaN/missing value(s) (row {int(np.flatnonzero(bad.to_numpy())[0])}): fill them in or drop those runs")
+    if (runs["n_params"] <= 0).any():
+        raise UserError(f"{what}: n_params must be > 0: got {runs['n_params'].min():g}")
+    bad_s = runs["sparsity"][(runs["sparsity"] < 0) | (runs["sparsity"] >= 1)]
+    if len(bad_s):
+        raise UserError(f"sparsity must be in [0, 1): got {bad_s.iloc[0]:g} ({what})")
+    failed = runs["val_loss"].isna() | np.isinf(runs["val_loss"])  # failed or diverged runs
+    if "precision" in runs.columns and runs["precision"].isna().any():
+        raise UserError(f"{what}: column precision has missing values: set each run's precision to fp or 1.58")
+    keep = [c for c in ("run_id", "precision", "n_params", "sparsity", "seed", "val_loss") if c in runs.columns]
+    missing = runs.loc[failed, keep].astype(object).where(runs.loc[failed, keep].notna(), None).to_dict("records")
+    runs = runs[~failed]
+    if (runs["val_loss"] <= 0).any():
+        raise UserError(f"{what}: val_loss must be > 0 (nats/token): got {runs['val_loss'].min():g}")
+    return runs.reset_index(drop=True), missing
+
+
+def _check_design(runs, what: str) -> None:
+    n_sizes, n_sparsities = runs["n_params"].nunique(), runs["sparsity"].nunique()
+    if n_sizes < MIN_SIZES or n_sparsities < MIN_SPARSITIES or len(runs) < len(PARAM_NAMES) + 1:
+        raise UserError(
+            f"{what}: {len(runs)} finished run(s) with {n_sizes} distinct n_params and {n_sparsities} distinct sparsity: "
+            f"the law needs >= {MIN_SIZES} sizes, >= {MIN_SPARSITIES} sparsities and >= {len(PARAM_NAMES) + 1} runs: add runs to the sweep"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fit
+
+
+def _bounds(log_y):
+    hi = float(log_y.max())
+    return [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (-30.0, hi + 5.0), (0.0, 2.0), (-2.0, 10.0)]
+
+
+def _init_grid(log_y):
+    """Chinchilla-style grid of starts (internal coordinates), scaled by the smallest observed loss."""
+    lo = float(np.exp(log_y.min()))
+    E, B, C = lo * np.array([0.3, 0.6, 0.9]), lo * np.array([0.01, 0.1, 0.5]), lo * np.array([0.05, 0.2, 0.8])
+    alpha, beta = [0.05, 0.1, 0.2, 0.4], [0.01, 0.05, 0.2, 0.8]
+    return np.array([[np.log(e), np.log(b), np.log(c), a, bb] for e, b, c, a, bb in itertools.product(E, B, C, alpha, beta)])
+
+
+def _to_params(p, log_n_ref) -> dict:
+    return {"E": float(np.exp(p[0])), "B": float(np.exp(p[1] + p[3] * log_n_ref)), "C": float(np.exp(p[2] + p[3] * log_n_ref)), "alpha": float(p[3]), "beta": float(p[4])}
+
+
+def _arrays(runs, form, log_n_ref):
+    log_n = np.log(runs["n_params"].to_numpy(float))
+    z = log_n - log_n_ref
+    return _law_design(z, _x_of_s(runs["sparsity"].to_numpy(float), form)), np.log(runs["val_loss"].to_numpy(float))
+
+
+def fit_law(runs, form: str = "paper", *, n_starts: int | None = None, delta: float = DELTA, maxiter: int = 2000, log_n_ref: float | None = None) -> dict:
+    """Fit L(N, S) to finished runs (columns n_params, sparsity, val_loss) by multi-start L-BFGS-B.
+
+    n_starts: keep only the n best grid points by starting objective (None: the whole grid, 432 starts).
+    Returns params (E, B, C, alpha, beta in the units of n_params), objective, n_starts, n_converged
+    (starts that L-BFGS-B declared converged within 1e-6 of the best objective), converged, on_bound,
+    warnings, and the internal vector `p` with its `log_n_ref` (for warm starts).
+    """
+    _check_form(form)
+    runs, _ = validate_runs(runs)
+    _check_design(runs, "fit_law")
+    if log_n_ref is None:
+        log_n_ref = float(np.log(runs["n_params"].to_numpy(float)).mean())
+    F, log_y = _arrays(runs, form, log_n_ref)
+    bounds = _bounds(log_y)
+    starts = _screen(_init_grid(log_y), F, log_y, n_starts, delta)
+    p, fun, results = _minimise(F, log_y, starts, bounds, delta, maxiter)
+    near = [r for r in results if r.success and r.fun <= fun + 1e-6 * abs(fun) + 1e-15]
+    params = _to_params(p, log_n_ref)
+    on_bound = [name for name, v, (lo, hi) in zip(PARAM_NAMES, p, bounds) if min(v - lo, hi - v) <= 1e-6 * (hi - lo)]
+    warnings = []
+    if not near:
+        best = min(results, key=lambda r: r.fun)
+        warnings.append(f"{form} fit did not converge: no L-BFGS-B start declared convergence at the best objective {fun:.3g} ({best.message}); do not trust these constants")
+    for name in on_bound:
+        warnings.append(f"{name} = {params[name]:.3g} sits on a bound of the fit: the data do not constrain it; its interval is unreliable")
+    if runs["n_params"].nunique() < 3:
+        warnings.append("only 2 model sizes: alpha and E are weakly determined; add a third size")
+    return {"form": form, "params": params, "objective": fun, "n_starts": len(starts), "n_converged": len(near), "converged": bool(near),
+            "on_bound": on_bound, "warnings": warnings, "p": p, "log_n_ref": log_n_ref}
+
+
+def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
+    """The dense Chinchilla baseline E + A / N^alpha fitted separately at each sparsity (>= 3 sizes each)."""
+    runs, _ = validate_runs(runs)
+    rows, objective, k, skipped = [], 0.0, 0, []
+    for s, grp in runs.groupby("sparsity"):
+        if grp["n_params"].nunique() < 3:
+            skipped.append(float(s))
+            continue
+        log_n = np.log(grp["n_params"].to_numpy(float))
+        log_n_ref = float(log_n.mean())
+        F, log_y = _dense_design(log_n - log_n_ref), np.log(grp["val_loss"].to_numpy(float))
+        lo, hi = float(np.exp(log_y.min())), float(log_y.max())
+        starts = np.array([[np.log(e * lo), np.log(a * lo), al] for e, a, al in itertools.product([0.3, 0.6, 0.9], [0.05, 0.3, 1.0], [0.05, 0.1, 0.2, 0.4, 0.8])])
+        q, fun, _ = _minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
+        rows.append({"sparsity": float(s), "E": float(np.exp(q[0])), "A": float(np.exp(q[1] + q[2] * log_n_ref)), "alpha": float(q[2])})
+        objective, k = objective + fun, k + 3
+    return {"fits": rows, "objective": objective, "n_params_fitted": k, "skipped_sparsities": skipped}
+
+
+def _dense_predict(row, n):
+    return row["E"] + row["A"] / np.asarray(n, dtype=float) ** row["alpha"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimal sparsity
+
+_S_GRID = np.unique(np.concatenate([np.linspace(0.0, 0.999, 1000), 1.0 - np.logspace(-3, -9, 121)]))
+
+
+def _log_cost(params, s, form):
+    """log of A(S) (1-S)^alpha; stays finite where exp(beta/(1-S)) would overflow."""
+    with np.errstate(divide="ignore"):
+        log_a = np.logaddexp(np.log(params["B"]), np.log(params["C"]) + params["beta"] * _x_of_s(s, form))
+        return log_a + params["alpha"] * np.log1p(-np.asarray(s, dtype=float))
+
+
+def _check_params(params: dict) -> dict:
+    """Constants as floats; E is optional (S* does not depend on it)."""
+    absent = [k for k in PARAM_NAMES[1:] if params.get(k) is None]
+    if absent:
+        raise UserError(f"law constants lack {', '.join(absent)}: give all of {', '.join(PARAM_NAMES[1:])} (and E to predict a loss)")
+    params = {k: float(params[k]) for k in PARAM_NAMES if params.get(k) is not None}
+    for k in ("B", "C", "alpha"):
+        if not params[k] >= 0 or not np.isfinite(params[k]):
+            raise UserError(f"{k} must be a finite number >= 0: got {params[k]!r}")
+    if not np.isfinite(params["beta"]) or params["B"] + params["C"] <= 0:
+        raise UserError(f"beta must be finite and B + C > 0: got beta={params['beta']!r}, B={params['B']!r}, C={params['C']!r}")
+    return params
+
+
+def optimal_sparsity(params: dict, form: str = "paper") -> dict:
+    """S* = argmin over [0, 1) of A(S) (1-S)^alpha, and N/N_a = 1/(1-S*).
+
+    A dense grid (finer towards S = 1) brackets the global minimum, then a bounded Brent search refines it
+    to 1e-10. If the cost still falls at S = 1 - 1e-9 there is no finite optimum: s_star = 1, interior False.
+    """
+    from scipy.optimize import minimize_scalar
+
+    _check_form(form)
+    params = _check_params(params)
+    cost = _log_cost(params, _S_GRID, form)
+    i = int(np.argmin(cost))
+    note = None
+    if i == len(_S_GRID) - 1:
+        s_star, note = 1.0, "A(S)(1-S)^alpha decreases all the way to S = 1: no finite optimum (beta <= 0 or C = 0?)"
+    else:
+        lo, hi = _S_GRID[max(i - 1, 0)], _S_GRID[i + 1]
+        res = minimize_scalar(lambda s: float(_log_cost(params, s, form)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+        s_star = float(res.x) if res.fun < cost[i] else float(_S_GRID[i])
+        if i == 0 and _log_cost(params, 0.0, form) <= _log_cost(params, s_star, form):
+            s_star, note = 0.0, "the cost rises from S = 0: dense is inference-optimal"
+    factor = float(np.exp(_log_cost(params, s_star, form))) if s_star < 1 else 0.0
+    return {"s_star": s_star, "n_over_na": 1.0 / (1.0 - s_star) if s_star < 1 else float("inf"), "inference_cost_factor": factor,
+            "inference_cost_factor_dense": float(np.exp(_log_cost(params, 0.0, form))), "interior": 0.0 < s_star < 1.0, "note": note}
+
+
+def best_config_for_budget(params: dict, n_active: float, form: str = "paper") -> dict:
+    """For a fixed activated-parameter budget N_a: the best (N, S) and its predicted loss (needs E)."""
+    params = _check_params(params)
+    if not np.isfinite(params.get("E", np.nan)):
+        raise UserError("E is needed to predict a loss: give --E")
+    if not (n_active > 0 and np.isfinite(n_active)):
+        raise UserError(f"n_active must be > 0: got {n_active!r}")
+    opt = optimal_sparsity(params, form)
+    s = opt["s_star"]
+    return {"n_active": float(n_active), "sparsity": s, "n_params": n_active * opt["n_over_na"],
+            "predicted_loss": params["E"] + opt["inference_cost_factor"] / n_active ** params["alpha"],
+            "dense_loss": float(law(params, n_active, 0.0, form)), "note": opt["note"]}
+
+
+def paper_constants_check(form: str = "paper") -> dict:
+    """S* of the printed constants, next to the stated 45.58%, and the range their rounding admits."""
+    opt = optimal_sparsity(PAPER_CONSTANTS, form)
+    # Each printed constant is exact to +-0.005; S* is monotone in each of B, C, alpha, beta, so the
+    # extremes over the rounding box sit at its 16 corners (E does not enter S*).
+    corners = [optimal_sparsity(dict(PAPER_CONSTANTS, B=0.01 + b, C=1.89 + c, alpha=0.10 + a, beta=0.05 + bb), form)["s_star"]
+               for b, c, a, bb in itertools.product((-0.005, 0.005), repeat=4)]
+    lo, hi = min(corners), max(corners)
+    return {"params": dict(PAPER_CONSTANTS), "form": form, "s_star": opt["s_star"], "n_over_na": opt["n_over_na"],
+            "paper_stated_s_star": PAPER_S_STAR["fp"], "rounding_range": [lo, hi],
+            "note": (f"The printed constants give S* = {opt['s_star']:.1%}, not the stated {PAPER_S_STAR['fp']:.2%}: they are rounded to "
+                     f"two decimals and S* ~ 1 - beta/alpha is sensitive to that rounding; any S* in {lo:.1%}-{hi:.1%} is consistent with them.")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap, leave-one-size-out, model comparison
+
+
+def _bootstrap_chunk(args):
+    """Fit a list of resamples (runs in a worker process); -> rows of (ok, E, B, C, alpha, beta, S*)."""
+    n, s, y, form, warm, log_n_ref, indices, k_grid = args
+    log_y_all = np.log(y)
+    F_all = _law_design(np.log(n) - log_n_ref, _x_of_s(s, form))
+    bounds = _bounds(log_y_all)
+    grid = _init_grid(log_y_all)
+    rows = []
+    for idx in indices:
+        if len(np.unique(n[idx])) < MIN_SIZES or len(np.unique(s[idx])) < MIN_SPARSITIES:
+            rows.append([0.0] + [np.nan] * 6)  # a resample that lost a size or a sparsity cannot be fitted
+            continue
+        F = F_all.reshape(3, len(n), 5)[:, idx].reshape(-1, 5)
+        log_y = log_y_all[idx]
+        starts = np.vstack([warm[None], _screen(grid, F, log_y, k_grid)])
+        p, fun, results = _minimise(F, log_y, starts, bounds)
+        ok = any(r.success and r.fun <= fun + 1e-6 * abs(fun) + 1e-15 for r in results)
+        params = _to_params(p, log_n_ref)
+        rows.append([float(ok)] + [params[k] for k in PARAM_NAMES] + [optimal_sparsity(params, form)["s_star"]])
+    return rows
+
+
+def _jobs(jobs: int | None) -> int:
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1: got {jobs}")
+    return jobs
+
+
+def bootstrap(runs, fit: dict, n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL, k_grid: int = 3) -> dict:
+    """Percentile intervals from refits of runs resampled with replacement.
+
+    The resample indices come from one seeded generator in this process, so the result is the same for
+    any number of jobs. Each refit starts from the full-data optimum plus the k_grid best grid points.
+    Returns {"samples": (n_boot, 7) array [ok, E, B, C, alpha, beta, S*], "ci": {...}, "n", "n_ok", ...}.
+    """
+    if n_boot < 1:
+        raise UserError(f"--bootstrap must be >= 1: got {n_boot}")
+    runs, _ = validate_runs(runs)
+    n, s, y = (runs[c].to_numpy(float) for c in REQUIRED)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(runs), size=(n_boot, len(runs)))
+    jobs = min(_jobs(jobs), n_boot)
+    chunks = np.array_split(np.arange(n_boot), jobs * 4 if jobs > 1 else 1)
+    tasks = [(n, s, y, fit["form"], fit["p"], fit["log_n_ref"], idx[c], k_grid) for c in chunks if len(c)]
+    if jobs == 1:
+        rows = [r for t in tasks for r in _bootstrap_chunk(t)]
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            rows = [r for out in pool.map(_bootstrap_chunk, tasks) for r in out]
+    samples = np.array(rows)
+    ok = samples[:, 0] == 1.0
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    ci = {}
+    for j, name in enumerate(list(PARAM_NAMES) + ["s_star"], start=1):
+        ci[name] = [float(v) for v in np.percentile(samples[ok, j], q)] if ok.any() else [None, None]
+    return {"samples": samples, "ci": {k: ci[k] for k in PARAM_NAMES}, "s_star_ci": ci["s_star"], "n": n_boot, "n_ok": int(ok.sum()), "seed": seed, "level": level}
+
+
+def leave_one_size_out(runs, form: str = "paper", n_starts: int | None = 64) -> dict | None:
+    """Fit without the largest N and predict it; None when fewer than 3 sizes leave too little to fit."""
+    runs, _ = validate_runs(runs)
+    largest = runs["n_params"].max()
+    train, test = runs[runs["n_params"] < largest], runs[runs["n_params"] == largest]
+    if train["n_params"].nunique() < MIN_SIZES or train["sparsity"].nunique() < MIN_SPARSITIES:
+        return None
+    fit = fit_law(train, form, n_starts=n_starts)
+    pred = law(fit["params"], test["n_params"], test["sparsity"], form)
+    return _loso_points(largest, test, pred)
+
+
+def _loso_points(largest, test, pred) -> dict:
+    obs = test["val_loss"].to_numpy(float)
+    rel = (np.asarray(pred) - obs) / obs
+    points = [{"n_params": float(n), "sparsity": float(s), "observed": float(o), "predicted": float(p), "rel_error": float(r)}
+              for n, s, o, p, r in zip(test["n_params"], test["sparsity"], obs, pred, rel)]
+    return {"held_out_n_params": float(largest), "points": points, "mean_abs_rel_error": float(np.abs(rel).mean())}
+
+
+def _dense_loso(runs) -> float | None:
+    """Leave-one-size-out for the per-S baseline: each S needs >= 3 other sizes; None if none qualifies."""
+    largest = runs["n_params"].max()
+    dense = fit_dense_per_s(runs[runs["n_params"] < largest])["fits"]
+    errs = []
+    for row in dense:
+        test = runs[(runs["n_params"] == largest) & (runs["sparsity"] == row["sparsity"])]
+        errs += list(np.abs(_dense_predict(row, test["n_params"]) - test["val_loss"]) / test["val_loss"])
+    return float(np.mean(errs)) if errs else None
+
+
+def _aic(objective: float, n: int, k: int) -> float:
+    """Pseudo-AIC: 2 x Huber objective stands in for the residual sum of squares (n log(RSS/n) + 2k)."""
+    return float(n * np.log(max(2.0 * objective, 1e-300) / n) + 2 * k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports (the fit_{precision}.json schema) and per-precision fits
+
+
+def fit_report(runs, form: str = "paper", n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL,
+               n_starts: int | None = None, precision: str | None = None, compare: bool = True) -> dict:
+    """Everything `fit_{precision}.json` holds for one precision's runs (failed runs listed, not fitted)."""
+    from sparsescale.io import versions
+
+    _check_form(form)
+    runs, missing = validate_runs(runs, f"runs of precision {precision}" if precision else "runs")
+    _check_design(runs, f"runs of precision {precision}" if precision else "runs")
+    fit = fit_law(runs, form, n_starts=n_starts)
+    boot = bootstrap(runs, fit, n_boot, seed, jobs, level)
+    opt = optimal_sparsity(fit["params"], form)
+    warnings = list(fit["warnings"])
+    if missing:
+        warnings.append(f"{len(missing)} run(s) without val_loss (failed or unfinished) were left out: see 'missing'")
+    if boot["n_ok"] < 0.9 * boot["n"]:
+        warnings.append(f"only {boot['n_ok']} of {boot['n']} bootstrap refits converged: intervals are less reliable")
+    if opt["note"]:
+        warnings.append(opt["note"])
+    s_ci = boot["s_star_ci"]
+    loso = leave_one_size_out(runs, form)
+    dense = fit_dense_per_s(runs)
+    comparison = {}
+    if compare:
+        for other in FORMS:
+            f_other = fit if other == form else fit_law(runs, other, n_starts=n_starts)
+            l_other = loso if other == form else leave_one_size_out(runs, other)
+            comparison[other] = {"objective": f_other["objective"], "aic": _aic(f_other["objective"], len(runs), len(PARAM_NAMES)),
+                                 "loso_mean_abs_rel_error": l_other["mean_abs_rel_error"] if l_other else None}
+        comparison["dense_per_s"] = {"objective": dense["objective"], "aic": _aic(dense["objective"], len(runs), dense["n_params_fitted"]) if dense["fits"] else None,
+                                     "loso_mean_abs_rel_error": _dense_loso(runs)}
+    if dense["skipped_sparsities"]:
+        warnings.append(f"dense baseline skipped sparsities {dense['skipped_sparsities']} (fewer than 3 sizes each)")
+    sizes = sorted(runs["n_params"].unique().tolist())
+    return {
+        "precision": precision, "form": form, "params": fit["params"], "ci": boot["ci"],
+        "s_star": opt["s_star"], "s_star_ci": s_ci,
+        "n_over_na": opt["n_over_na"], "n_over_na_ci": [1.0 / (1.0 - v) if v is not None and v < 1 else None for v in s_ci],
+        "inference_cost_factor": opt["inference_cost_factor"],
+        "objective": fit["objective"], "n_starts": fit["n_starts"], "n_converged": fit["n_converged"], "converged": fit["converged"],
+        "on_bound": fit["on_bound"], "warnings": warnings, "n_runs": len(runs), "n_sizes": len(sizes), "sizes": sizes,
+        "sparsities": sorted(runs["sparsity"].unique().tolist()),
+        "bootstrap": {"n": boot["n"], "n_ok": boot["n_ok"], "seed": seed, "level": level},
+        "loso": loso, "comparison": comparison, "dense_baseline": dense["fits"], "missing": missing, "versions": versions(),
+    }
+
+
+def _precisions(runs):
+    if "precision" not in runs.columns:
+        return runs.assign(precision="fp"), ["no precision column: all runs taken as full precision (fp)"]
+    # "1.58" may have been read as the float 1.58: normalise to the strings fp / 1.58
+    return runs.assign(precision=[p if isinstance(p, str) or p != p else f"{p:g}" for p in runs["precision"]]), []
+
+
+def fit_all(runs, form: str = "paper", n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL,
+            precision: str | None = None, n_starts: int | None = None) -> dict:
+    """fit_report for each precision in the table (or just `precision`); -> {precision: report}."""
+    import pandas as pd
+
+    runs = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
+    if "precision" in runs.columns and runs["precision"].isna().any():
+        raise UserError("runs: column precision has missing values: set each run's precision to fp or 1.58")
+    runs, notes = _precisions(runs)
+    present = sorted(runs["precision"].unique())
+    if precision is not None:
+        if precision not in present:
+            raise UserError(f"no runs with precision {precision!r}: the table has {', '.join(present) or 'none'}")
+        present = [precision]
+    out = {}
+    for p in present:
+        out[p] = fit_report(runs[runs["precision"] == p], form, n_boot, seed, jobs, level, n_starts, precision=p)
+        out[p]["warnings"] = notes + out[p]["warnings"]
+    return out
+
+
+def optimal_sparsity_summary(reports: dict, form: str = "paper") -> dict:
+    """Both precisions' S* with intervals, whether the intervals separate, and the paper-constants check."""
+    from sparsescale.io import versions
+
+    per = {p: {k: r[k] for k in ("s_star", "s_star_ci", "n_over_na", "n_over_na_ci")} for p, r in reports.items()}
+    separate, statement = None, "only one precision fitted: nothing to compare"
+    if "fp" in per and "1.58" in per:
+        (a_lo, a_hi), (b_lo, b_hi) = per["fp"]["s_star_ci"], per["1.58"]["s_star_ci"]
+        if None not in (a_lo, a_hi, b_lo, b_hi):
+            separate = bool(a_hi < b_lo or b_hi < a_lo)
+            level = reports["fp"]["bootstrap"]["level"]
+            desc = f"fp {per['fp']['s_star']:.3f} [{a_lo:.3f}, {a_hi:.3f}] vs 1.58 {per['1.58']['s_star']:.3f} [{b_lo:.3f}, {b_hi:.3f}]"
+            statement = (f"the {level:.0%} intervals of S* separate ({desc})" if separate
+                         else f"the {level:.0%} intervals of S* overlap ({desc}): the data do not distinguish the two")
+        else:
+            statement = "an S* interval is missing (no bootstrap refit converged): cannot compare"
+    return {"form": form, "precisions": per, "separate": separate, "statement": statement,
+            "paper_constants": paper_constants_check(form) if form == "paper" else paper_constants_check("paper"),
+            "paper_stated_s_star": dict(PAPER_S_STAR), "versions": versions()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def cli_fit(argv: list[str]) -> int:
+    import pandas as pd
+
+    from sparsescale.io import write_json
+
+    ap = argparse.ArgumentParser(prog="sparsescale fit", description="Fit L(N,S) per precision with bootstrap intervals; write fit_{precision}.json and optimal_sparsity.json.")
+    ap.add_argument("runs", help="runs table (CSV) with columns n_params, sparsity, val_loss, precision (fp/1.58), optionally seed")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--form", default="paper", choices=FORMS, help="A(S) form (default: paper)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes for the bootstrap (default: all cores)")
+    ap.add_argument("--precision", default=None, help="fit only this precision (fp or 1.58)")
+    ap.add_argument("--starts", type=int, default=None, help="L-BFGS-B starts: the best of the 432-point grid (default: all)")
+    args = ap.parse_args(argv)
+    try:
+        runs = pd.read_csv(args.runs, dtype={"precision": str})
+    except FileNotFoundError:
+        raise UserError(f"runs table not found: {args.runs} (make it with `sparsescale aggregate`)") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise UserError(f"cannot read runs table {args.runs}: {err}") from None
+    reports = fit_all(runs, args.form, args.bootstrap, args.seed, args.jobs, precision=args.precision, n_starts=args.starts)
+    for p, rep in reports.items():
+        for w in rep["warnings"]:
+            print(f"warning [{p}]: {w}", file=sys.stderr)
+        write_json(os.path.join(args.out, f"fit_{p}.json"), rep)
+        ci = rep["s_star_ci"]
+        print(f"{p}: S* = {rep['s_star']:.4f} [{ci[0]}, {ci[1]}], N/N_a = {rep['n_over_na']:.3f}, "
+              f"{rep['n_runs']} runs, {rep['bootstrap']['n_ok']}/{rep['bootstrap']['n']} bootstrap refits converged")
+    summary = optimal_sparsity_summary(reports, args.form)
+    write_json(os.path.join(args.out, "optimal_sparsity.json"), summary)
+    print(summary["statement"])
+    return 0
+
+
+def cli_optimal_sparsity(argv: list[str]) -> int:
+    from sparsescale.io import dumps_json
+
+    ap = argparse.ArgumentParser(prog="sparsescale optimal-sparsity", description="S* = argmin_S A(S)(1-S)^alpha and N/N_a for given law constants.")
+    for name in PARAM_NAMES:
+        ap.add_argument(f"--{name}", type=float, required=name != "E", help=f"law constant {name}" + (" (only needed with --n-active)" if name == "E" else ""))
+    ap.add_argument("--form", default="paper", choices=FORMS)
+    ap.add_argument("--n-active", type=float, default=None, help="also give the best (N, S) and loss for this activated-parameter budget")
+    args = ap.parse_args(argv)
+    params = {k: getattr(args, k) for k in PARAM_NAMES}
+    out = {"form": args.form, "params": params, **optimal_sparsity(params, args.form)}
+    if args.n_active is not None:
+        out["budget"] = best_config_for_budget(params, args.n_active, args.form)
+    print(dumps_json(out), end="")
+    return 0

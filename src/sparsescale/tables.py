@@ -1,0 +1,509 @@
+"""Paper tables from result files: Markdown (README/report), LaTeX with booktabs (papers), CSV (machines).
+
+Notable features:
+- made only from `results/tables/runs.csv` and the fit JSONs in `results/fit/` (never from logs);
+  the readers here (`read_runs`, `read_curves`, `read_fits`, `load_results`) are shared with `plots.py`;
+- three tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
+  paper's own rounded constants give), the loss of every (N, S) cell per precision with the gap to the
+  dense model in %, and the measured sparsity per projection (the paper's Table 2 layout);
+- byte-identical on rerun: rows sorted, fixed float formats, no timestamps, '\\n' line ends;
+- all writes atomic (`sparsescale.io`); missing inputs raise `UserError` naming the command that makes them.
+
+CLI: `sparsescale tables --runs results/tables/runs.csv --fit-dir results/fit --out results/tables`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sparsescale.errors import UserError
+from sparsescale.io import atomic_write_text, read_json
+from sparsescale.scaling import PAPER_CONSTANTS, PAPER_S_STAR, PARAM_NAMES, inference_cost_factor
+
+PRECISIONS = ("fp", "1.58")
+PRECISION_LABEL = {"fp": "full precision", "1.58": "1.58-bit"}
+MODES = ("scratch", "continue", "finetune")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # columns sparsity_measured_<p> of runs.csv
+PROJECTION_LABEL = {"qkv": "QKV", "o": "Out", "gate_up": "Gate/Up", "down": "Down"}
+# Columns without which no table or figure can be made; the rest are optional (NaN when absent).
+REQUIRED_RUN_COLUMNS = ("run_id", "size", "n_params", "sparsity", "precision", "seed", "val_loss")
+OPTIONAL_RUN_COLUMNS = ("mode", "n_active", "sparsity_measured") + tuple(f"sparsity_measured_{p}" for p in PROJECTIONS)
+REQUIRED_CURVE_COLUMNS = ("run_id", "n_params", "size", "sparsity", "precision", "seed", "tokens", "train_loss", "val_loss")
+# Read as text: "1.58" must stay the string "1.58", never the float 1.58.
+_TEXT_COLUMNS = {"run_id": str, "size": str, "mode": str, "precision": str, "device": str}
+# The paper states S* and N/N_a = 1/(1 - S*) (1.84 and 2.58); no 1.58-bit constants were published.
+PAPER_N_OVER_NA = {p: 1.0 / (1.0 - s) for p, s in PAPER_S_STAR.items()}
+MISSING = "—"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the result files (shared with plots.py)
+
+
+def _need(path: Path, what: str, how: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}; make it with `{how}` (or pass its path)")
+    return path
+
+
+def _read_csv(path: Path, required: tuple[str, ...], what: str, how: str) -> pd.DataFrame:
+    _need(path, what, how)
+    try:
+        df = pd.read_csv(path, dtype=_TEXT_COLUMNS, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{what} is empty: {path}; rerun `{how}`") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} {path} lacks column(s) {', '.join(missing)}; rerun `{how}` to rewrite it")
+    bad = sorted(set(df["precision"].dropna()) - set(PRECISIONS))
+    if bad:
+        raise UserError(f"unknown precision {bad[0]!r} in {path}: use one of {', '.join(PRECISIONS)}")
+    return df
+
+
+def read_runs(path: str | Path) -> pd.DataFrame:
+    """runs.csv with the optional columns filled (mode 'scratch', NaN), sorted for determinism."""
+    df = _read_csv(Path(path), REQUIRED_RUN_COLUMNS, "runs table", "sparsescale aggregate")
+    for col in OPTIONAL_RUN_COLUMNS:
+        if col not in df.columns:
+            df[col] = "scratch" if col == "mode" else np.nan
+    df["mode"] = df["mode"].fillna("scratch")
+    df["val_loss"] = pd.to_numeric(df["val_loss"], errors="coerce")  # failed runs: empty -> NaN
+    return df.sort_values(["precision", "mode", "n_params", "sparsity", "seed", "run_id"], kind="mergesort").reset_index(drop=True)
+
+
+def read_curves(path: str | Path) -> pd.DataFrame:
+    df = _read_csv(Path(path), REQUIRED_CURVE_COLUMNS, "training curves table", "sparsescale aggregate")
+    return df.sort_values(["precision", "n_params", "sparsity", "seed", "tokens"], kind="mergesort").reset_index(drop=True)
+
+
+def read_fits(fit_dir: str | Path) -> dict[str, dict | None]:
+    """{precision: fit JSON or None}. At least one fit must exist; a fit without usable constants counts as none."""
+    fit_dir = Path(fit_dir)
+    fits: dict[str, dict | None] = {}
+    for prec in PRECISIONS:
+        path = fit_dir / f"fit_{prec}.json"
+        fit = read_json(path) if path.is_file() else None
+        params = (fit or {}).get("params") or {}
+        usable = all(isinstance(params.get(k), (int, float)) for k in PARAM_NAMES)
+        fits[prec] = fit if usable else None
+    if not any(fits.values()):
+        raise UserError(
+            f"no fit results in {fit_dir} (expected fit_fp.json and/or fit_1.58.json with constants {', '.join(PARAM_NAMES)}); "
+            f"make them with `sparsescale fit` (or pass --fit-dir)"
+        )
+    return fits
+
+
+def read_optimal(fit_dir: str | Path) -> dict:
+    """optimal_sparsity.json if present, else {} (it is optional: the per-precision fit JSONs come first)."""
+    path = Path(fit_dir) / "optimal_sparsity.json"
+    try:
+        out = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+@dataclass
+class Results:
+    """Everything figures and tables are made from."""
+
+    runs: pd.DataFrame
+    fits: dict[str, dict | None]
+    optimal: dict = field(default_factory=dict)
+    curves: pd.DataFrame | None = None
+
+
+def load_results(runs: str | Path, fit_dir: str | Path, curves: str | Path | None = None) -> Results:
+    return Results(
+        runs=read_runs(runs), fits=read_fits(fit_dir), optimal=read_optimal(fit_dir),
+        curves=None if curves is None else read_curves(curves),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def interval(fit: dict | None, key: str) -> tuple[float, float] | None:
+    """A [lo, hi] interval from a fit JSON, or None where absent/null."""
+    if not fit:
+        return None
+    ci = fit.get("ci", {}).get(key) if key in PARAM_NAMES else fit.get(f"{key}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(v) for v in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def optimal_s(params: dict, form: str = "paper") -> float:
+    """S* = argmin_S A(S)(1-S)^alpha on [0, 0.999): a fine grid, then golden-section refinement.
+
+    Used only where a fit JSON lacks `s_star` and for the S* of the paper's printed constants.
+    """
+    grid = np.linspace(0.0, 0.999, 9991)
+    i = int(np.argmin(inference_cost_factor(params, grid, form)))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(60):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if inference_cost_factor(params, a, form) < inference_cost_factor(params, b, form):
+            hi = b
+        else:
+            lo = a
+    return float((lo + hi) / 2.0)
+
+
+def s_star_of(fit: dict) -> float:
+    return float(fit["s_star"]) if finite(fit.get("s_star")) else optimal_s(fit["params"], fit.get("form", "paper"))
+
+
+def paper_constants_s_star() -> float:
+    """S* that the paper's printed (rounded) constants give: about 0.502, not the stated 0.4558."""
+    return optimal_s(PAPER_CONSTANTS, "paper")
+
+
+def paper_value(key: str, precision: str, form: str = "paper") -> float | None:
+    """The paper's value of a constant in the fit's own form (card form: C_card = C * e^beta)."""
+    if precision != "fp":  # no 1.58-bit constants were published
+        return None
+    if key == "C" and form == "card":
+        return PAPER_CONSTANTS["C"] * math.exp(PAPER_CONSTANTS["beta"])
+    return PAPER_CONSTANTS[key]
+
+
+def fmt_num(x) -> str:
+    if not finite(x):
+        return MISSING
+    x = float(x)
+    return f"{x:.3e}" if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3) else f"{x:.4g}"
+
+
+def fmt_pct(x, digits: int = 2) -> str:
+    return f"{100.0 * float(x):.{digits}f}%" if finite(x) else MISSING
+
+
+def fmt_ci(ci, fmt=fmt_num) -> str:
+    return MISSING if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def fmt_n(n) -> str:
+    """Parameter count in short form: 950k, 1.2M, 3.4B."""
+    n = float(n)
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_s(s) -> str:
+    return f"S={100.0 * float(s):g}%"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table container and the three renderers
+
+
+@dataclass
+class Table:
+    """Display cells for Markdown/LaTeX plus a tidy numeric frame for CSV."""
+
+    name: str
+    header: list[str]  # Markdown header; LaTeX gets the same text escaped unless `tex_header` is set
+    rows: list[list[str]]
+    data: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    tex_header: list[str] | None = None
+    tex_first: list[str] | None = None  # LaTeX first-column cells (already LaTeX), e.g. "$\\alpha$" for "α"
+    groups: list[int] = field(default_factory=list)  # row indices before which LaTeX draws a \midrule
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def to_markdown(t: Table) -> str:
+    lines = [_md_row(t.header), "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(t.header))) + "|"]
+    lines += [_md_row(r) for r in t.rows]
+    if t.notes:
+        lines += [""] + [f"- {n}" for n in t.notes]
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", MISSING: "--"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX_ESCAPE.get(ch, ch) for ch in s)
+
+
+def to_latex(t: Table) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}); notes become LaTeX comments below it."""
+    head = t.tex_header or [tex_escape(h) for h in t.header]
+    lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    for i, r in enumerate(t.rows):
+        if i in t.groups and i > 0:
+            lines.append(r"\midrule")
+        first = t.tex_first[i] if t.tex_first else tex_escape(r[0])
+        lines.append(" & ".join([first] + [tex_escape(c) for c in r[1:]]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {n}" for n in t.notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    buf = io.StringIO()
+    t.data.to_csv(buf, index=False, lineterminator="\n", float_format="%.12g")
+    return buf.getvalue()
+
+
+def write_table(t: Table, out_dir: str | Path) -> list[Path]:
+    """Write `{name}.md`, `{name}.tex`, `{name}.csv` atomically; return the paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
+        path = out_dir / f"{t.name}.{ext}"
+        atomic_write_text(path, render(t))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 1: fitted constants, S*, N/N_a, with the paper's values beside them
+
+_CONST_ROWS = (  # key, Markdown label, LaTeX label
+    ("E", "E", "$E$"), ("B", "B", "$B$"), ("C", "C", "$C$"), ("alpha", "α", r"$\alpha$"), ("beta", "β", r"$\beta$"),
+    ("s_star", "S* (inference-optimal sparsity)", r"$S^*$"), ("n_over_na", "N/N_a at S*", r"$N/N_a$ at $S^*$"),
+)
+
+
+def _fit_value(fit: dict | None, prec: str, key: str):
+    """(value, 95% interval, paper value) of one quantity of one precision's fit; None where absent."""
+    form = (fit or {}).get("form", "paper")
+    if key in PARAM_NAMES:
+        return (fit["params"][key] if fit else None), interval(fit, key), paper_value(key, prec, form)
+    paper = PAPER_S_STAR[prec] if key == "s_star" else PAPER_N_OVER_NA[prec]
+    if not fit:
+        return None, None, paper
+    if key == "s_star":
+        return s_star_of(fit), interval(fit, key), paper
+    value = fit.get("n_over_na")
+    return (float(value) if finite(value) else 1.0 / (1.0 - s_star_of(fit))), interval(fit, key), paper
+
+
+def fit_constants_table(fits: dict[str, dict | None], optimal: dict | None = None) -> Table:
+    """Constants of L(N,S) = E + A(S)/N^alpha per precision, 95% intervals, paper values beside them."""
+    records, rows, tex_first = [], [], []
+    for key, label, tex in _CONST_ROWS:
+        fmt = {"s_star": fmt_pct, "n_over_na": _fmt3}.get(key, fmt_num)
+        cells = [label]
+        for prec in PRECISIONS:
+            value, ci, paper = _fit_value(fits.get(prec), prec, key)
+            cells += [fmt(value), fmt_ci(ci, fmt), fmt(paper)]
+            records.append(_record(prec, key, value, ci, paper))
+        rows.append(cells)
+        tex_first.append(tex)
+
+    # The paper-constants check: its printed constants do not reproduce its stated S*.
+    check = paper_constants_s_star()
+    rows.append(["S* of the paper's printed constants", MISSING, MISSING, fmt_pct(check)] + [MISSING] * 3)
+    tex_first.append(r"$S^*$ of the paper's printed constants")
+    records.append(_record("fp", "s_star_paper_constants", check, None, PAPER_S_STAR["fp"]))
+
+    # Fit bookkeeping a reader needs to trust the numbers above.
+    for key, label in (("n_runs", "runs in the fit"), ("n_sizes", "model sizes"), ("loso", "leave-one-size-out mean abs. error")):
+        cells = [label]
+        for prec in PRECISIONS:
+            fit = fits.get(prec) or {}
+            value = (fit.get("loso") or {}).get("mean_abs_rel_error") if key == "loso" else fit.get(key)
+            value = float(value) if finite(value) else None
+            shown = MISSING if value is None else (fmt_pct(value) if key == "loso" else f"{value:.0f}")
+            cells += [shown, MISSING, MISSING]
+            records.append(_record(prec, "loso_mean_abs_rel_error" if key == "loso" else key, value, None, None))
+        rows.append(cells)
+        tex_first.append(tex_escape(label))
+
+    header = ["Quantity"] + [f"{PRECISION_LABEL[p]} {c}" for p in PRECISIONS for c in ("fit", "95% CI", "paper")]
+    groups = [len(_CONST_ROWS), len(_CONST_ROWS) + 1]
+    return Table("fit_constants", header, rows, pd.DataFrame(records), _fit_notes(fits, optimal, check),
+                 tex_first=tex_first, groups=groups)
+
+
+def _fit_notes(fits: dict[str, dict | None], optimal: dict | None, check: float) -> list[str]:
+    notes = [f"95% intervals: bootstrap over runs ({_boot(fits)}). Paper values from Q-Sparse; "
+             "it published no 1.58-bit constants. N counts non-embedding parameters; N_a = N (1 - S)."]
+    notes.append(f"The paper's printed constants (E={PAPER_CONSTANTS['E']}, B={PAPER_CONSTANTS['B']}, C={PAPER_CONSTANTS['C']}, "
+                 f"alpha={PAPER_CONSTANTS['alpha']}, beta={PAPER_CONSTANTS['beta']}) give S* = {fmt_pct(check)}, "
+                 f"not the stated {fmt_pct(PAPER_S_STAR['fp'])}: they are rounded.")
+    paper_check = (optimal or {}).get("paper_check")
+    if isinstance(paper_check, dict) and isinstance(paper_check.get("note"), str) and paper_check["note"]:
+        notes.append(f"Fit note on the paper check: {paper_check['note']}")
+    for prec in PRECISIONS:
+        fit, name = fits.get(prec), PRECISION_LABEL[prec]
+        if not fit:
+            notes.append(f"{name}: no fit (no fit_{prec}.json with constants).")
+            continue
+        if fit.get("form") == "card":
+            notes.append(f"{name}: card form A(S) = B + C exp(beta S/(1-S)); the paper's C is shown as C e^beta.")
+        if fit.get("converged") is False:
+            notes.append(f"{name}: the fit did not converge.")
+        if fit.get("on_bound"):
+            notes.append(f"{name}: constants on a bound of the fit: {', '.join(map(str, fit['on_bound']))}.")
+        notes += [f"{name}: {w}" for w in fit.get("warnings") or [] if isinstance(w, str)]
+    return notes
+
+
+def _fmt3(x) -> str:
+    return f"{float(x):.3f}" if finite(x) else MISSING
+
+
+def _record(prec, key, value, ci, paper) -> dict:
+    nan = float("nan")
+    return {"precision": prec, "quantity": key, "value": float(value) if finite(value) else nan,
+            "ci_lo": ci[0] if ci else nan, "ci_hi": ci[1] if ci else nan, "paper": float(paper) if finite(paper) else nan}
+
+
+def _boot(fits) -> str:
+    parts = []
+    for prec in PRECISIONS:
+        b = (fits.get(prec) or {}).get("bootstrap") or {}
+        if finite(b.get("n")):
+            parts.append(f"{PRECISION_LABEL[prec]} {int(b.get('n_ok', b['n']))}/{int(b['n'])} resamples")
+    return ", ".join(parts) or "no bootstrap recorded"
+# ----------------------------------------------------------------------------------------------------------
+# Table 2: loss of every (N, S) cell per precision, with the gap to the dense model
+
+
+def _mode_key(m: str) -> tuple[int, str]:
+    return (MODES.index(m) if m in MODES else len(MODES), m)
+
+
+def _row_groups(runs: pd.DataFrame) -> list[tuple[str, str, str, int]]:
+    """(precision, mode, size, n_params) in display order: precision, mode, then N."""
+    keys = runs[["precision", "mode", "size", "n_params"]].drop_duplicates().itertuples(index=False)
+    return sorted((tuple(k) for k in keys), key=lambda k: (PRECISIONS.index(k[0]), _mode_key(k[1]), int(k[3]), k[2]))
+
+
+def loss_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Seed-averaged val_loss per (precision, mode, size, N, S) and its gap to the same row's dense (S=0) cell."""
+    records = []
+    for prec, mode, size, n in _row_groups(runs):
+        g = runs[(runs.precision == prec) & (runs["mode"] == mode) & (runs["size"] == size)]
+        dense = g.loc[g.sparsity == 0.0, "val_loss"].mean()  # NaN when no dense run (or all failed)
+        for s in sorted(g.sparsity.unique()):
+            v = g.loc[g.sparsity == s, "val_loss"]
+            mean = v.mean()
+            records.append({
+                "precision": prec, "mode": mode, "size": size, "n_params": int(n), "sparsity": float(s),
+                "n_runs": int(len(v)), "n_ok": int(v.notna().sum()), "val_loss_mean": mean,
+                "val_loss_std": v.std(ddof=1) if v.notna().sum() > 1 else np.nan, "dense_loss": dense,
+                "gap_pct": 100.0 * (mean / dense - 1.0) if finite(dense) and finite(mean) else np.nan,
+            })
+    return pd.DataFrame(records, columns=["precision", "mode", "size", "n_params", "sparsity", "n_runs", "n_ok",
+                                          "val_loss_mean", "val_loss_std", "dense_loss", "gap_pct"])
+
+
+def losses_table(runs: pd.DataFrame) -> Table:
+    """Pivot N x S per precision (and training mode): mean validation loss, (gap to dense in %)."""
+    cells = loss_cells(runs)
+    sparsities = sorted(cells.sparsity.unique())
+    show_mode = cells["mode"].nunique() > 1
+    header = ["Precision"] + (["Mode"] if show_mode else []) + ["Model", "N"] + [fmt_s(s) for s in sparsities]
+    rows, groups, partial, last = [], [], False, None
+    for prec, mode, size, n in _row_groups(runs):
+        if prec != last:
+            groups.append(len(rows))
+            last = prec
+        row = [PRECISION_LABEL[prec]] + ([mode] if show_mode else []) + [size, fmt_n(n)]
+        for s in sparsities:
+            c = cells[(cells.precision == prec) & (cells["mode"] == mode) & (cells["size"] == size) & (cells.sparsity == s)]
+            if c.empty:
+                row.append(MISSING)
+                continue
+            c = c.iloc[0]
+            if c.n_ok == 0:
+                row.append("failed")
+                continue
+            text = f"{c.val_loss_mean:.4f}"
+            if s != 0.0 and finite(c.gap_pct):
+                text += f" ({c.gap_pct:+.2f}%)"
+            if c.n_ok < c.n_runs:
+                text += "*"
+                partial = True
+            row.append(text)
+        rows.append(row)
+    seeds = sorted(set(cells.n_runs))
+    notes = ["Validation loss in nats/token, mean over seeds "
+             f"({'/'.join(map(str, seeds))} per cell); in brackets the gap to the dense (S=0) model of the same row.",
+             "N: non-embedding parameters; S: target sparsity of every projection input."]
+    if partial:
+        notes.append("*: some seeds of this cell failed (no loss); the mean is over the others.")
+    return Table("losses", header, rows, cells, notes, groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 3: measured sparsity per projection (the paper's Table 2 layout)
+
+SPARSITY_COLUMNS = tuple(f"sparsity_measured_{p}" for p in PROJECTIONS) + ("sparsity_measured",)
+
+
+def sparsity_table(runs: pd.DataFrame) -> Table:
+    """Per model and target S: activated parameters and the measured sparsity of each projection's input."""
+    records = []
+    for prec, mode, size, n in _row_groups(runs):
+        g = runs[(runs.precision == prec) & (runs["mode"] == mode) & (runs["size"] == size)]
+        for s in sorted(g.sparsity.unique()):
+            c = g[g.sparsity == s]
+            rec = {"precision": prec, "mode": mode, "size": size, "n_params": int(n), "sparsity": float(s),
+                   "n_runs": int(len(c)), "n_active": pd.to_numeric(c["n_active"], errors="coerce").mean()}
+            rec.update({col: pd.to_numeric(c[col], errors="coerce").mean() for col in SPARSITY_COLUMNS})
+            records.append(rec)
+    data = pd.DataFrame(records, columns=["precision", "mode", "size", "n_params", "sparsity", "n_runs", "n_active", *SPARSITY_COLUMNS])
+    show_mode = data["mode"].nunique() > 1
+    header = (["Model", "Precision"] + (["Mode"] if show_mode else []) + ["N", "Target S", "Activated N_a"]
+              + [PROJECTION_LABEL[p] for p in PROJECTIONS] + ["Overall"])
+    rows, groups, last = [], [], None
+    for r in data.itertuples(index=False):
+        if r.precision != last:
+            groups.append(len(rows))
+            last = r.precision
+        rows.append([r.size, PRECISION_LABEL[r.precision]] + ([r.mode] if show_mode else [])
+                    + [fmt_n(r.n_params), fmt_pct(r.sparsity, 0), fmt_n(r.n_active) if finite(r.n_active) else MISSING]
+                    + [fmt_pct(getattr(r, col), 1) for col in SPARSITY_COLUMNS])
+    notes = ["Measured sparsity: fraction of zero inputs of each projection on a validation batch, mean over seeds; "
+             "Overall weights each projection by the size of the weight matrix it feeds.",
+             "N: non-embedding parameters; N_a: parameters touched per token (runs.csv n_active)."]
+    return Table("sparsity", header, rows, data, notes, groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def make_tables(results: Results) -> list[Table]:
+    return [fit_constants_table(results.fits, results.optimal), losses_table(results.runs), sparsity_table(results.runs)]
+
+
+def cli_tables(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="sparsescale tables", description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="results/tables/runs.csv", help="runs table from `sparsescale aggregate`")
+    ap.add_argument("--fit-dir", default="results/fit", help="folder with fit_fp.json / fit_1.58.json from `sparsescale fit`")
+    ap.add_argument("--out", default="results/tables", help="output folder for {fit_constants,losses,sparsity}.{md,tex,csv}")
+    args = ap.parse_args(argv)
+    results = load_results(args.runs, args.fit_dir)
+    for t in make_tables(results):
+        for path in write_table(t, args.out):
+            print(path)
+    return 0

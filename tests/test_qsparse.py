@@ -1,0 +1,155 @@
+import pytest
+import torch
+
+from sparsescale import model as M, qsparse as Q
+from sparsescale.config import kept
+from sparsescale.errors import UserError
+
+VOCAB = 53
+
+
+def _capture_inputs(model):
+    """Record the transformed input of every QSparseLinear (what its matmul actually reads)."""
+    seen = {}
+    for name, m in Q.qsparse_linears(model):
+        orig = m.sparsify_input
+
+        def wrapped(x, _orig=orig, _name=name):
+            out = _orig(x)
+            seen[_name] = out.detach()
+            return out
+
+        m.sparsify_input = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.8])
+def test_exactly_k_nonzeros_per_token_every_projection(s):
+    torch.manual_seed(0)
+    m = M.build("d2", VOCAB, hidden_act="silu", seed=0)  # silu: no natural zeros
+    Q.convert(m, s)
+    seen = _capture_inputs(m)
+    m(torch.randint(0, VOCAB, (2, 9)))
+    names = {n.rsplit(".", 1)[-1] for n, _ in Q.qsparse_linears(m)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # q/k/v share one input and so one sparsified tensor (computed once); likewise gate/up
+    assert {n.rsplit(".", 1)[-1] for n in seen} == {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    for name, xs in seen.items():
+        d = xs.shape[-1]
+        nnz = (xs != 0).sum(-1)
+        assert torch.all(nnz == kept(d, s)), (name, nnz.unique())
+
+
+def test_kept_entries_are_the_largest():
+    torch.manual_seed(0)
+    x = torch.randn(5, 11, 64)
+    y = Q.topk_sparsify(x, 20)
+    kept_min = torch.where(y != 0, x.abs(), torch.inf).amin(-1)
+    dropped_max = torch.where(y == 0, x.abs(), -torch.inf).amax(-1)
+    assert torch.all(kept_min > dropped_max)
+    assert torch.equal(y[y != 0], x[y != 0])
+
+
+def test_numba_and_torch_paths_agree_with_ties():
+    x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -2.0, 1.0]])
+    y = Q.topk_sparsify(x, 3)
+    assert int((y != 0).sum()) == 3 and y[0, 4] == -2.0
+    z = torch.randn(64, 100)
+    assert torch.equal(Q.topk_sparsify(z, 37), Q._topk_torch(z, 37))
+
+
+def test_block_nm_structure():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    y = Q.block_topk_sparsify(x, 16, kept(16, 0.5))
+    assert torch.all((y.view(4, 4, 16) != 0).sum(-1) == 8)
+    with pytest.raises(UserError, match="block=24 does not divide"):
+        Q.block_topk_sparsify(x, 24, 12)
+
+
+def test_ste_gradient_equals_upstream():
+    lin = torch.nn.Linear(32, 8, bias=False)
+    q = Q.QSparseLinear.from_linear(lin, Q.QSparseSettings(0.75), Q._SharedInputCache())
+    x = torch.randn(6, 32, requires_grad=True)
+    q(x).backward(torch.ones(6, 8))
+    # dY/dX with the STE: upstream grad through W, unmasked: every input gets grad = sum_j W[j, i]
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(6, 32))
+
+
+def test_ternary_weights_three_values():
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    qw = Q.quant_weight_ternary(w)
+    alpha = w.abs().mean()
+    vals = set((qw / alpha).round().unique().tolist())
+    assert vals == {-1.0, 0.0, 1.0}
+    torch.testing.assert_close(qw.abs().unique(), torch.tensor([0.0, float(alpha)]))
+
+
+def test_int8_roundtrip_error_bound():
+    torch.manual_seed(0)
+    x = torch.randn(16, 128) * torch.logspace(-3, 2, 16)[:, None]
+    qx = Q.quant_act_int8(x)
+    gamma = x.abs().amax(-1, keepdim=True)
+    assert torch.all((qx - x).abs() <= gamma / 254 + 1e-6)
+    assert (qx * 127 / gamma).round().unique().numel() <= 256
+
+
+def test_quantized_forward_uses_ternary_weight_and_int8_acts():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 4, bias=False)
+    q = Q.QSparseLinear.from_linear(lin, Q.QSparseSettings(0.5, "1.58", 8), Q._SharedInputCache())
+    x = torch.randn(3, 16)
+    want = Q.quant_act_int8(Q.topk_sparsify(x, 8)) @ Q.quant_weight_ternary(lin.weight).t()
+    torch.testing.assert_close(q(x), want)
+    # latent weights stay full precision and receive gradients through the STE
+    q(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert lin.weight.unique().numel() > 3
+
+
+def test_sparsity_zero_is_identity():
+    m = M.build("d2", VOCAB, seed=0)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    ref = m(ids).logits
+    Q.convert(m, 0.0)
+    assert torch.equal(m(ids).logits, ref)
+
+
+def test_rescale_keeps_l2_norm():
+    lin = torch.nn.Linear(32, 8, bias=False)
+    q = Q.QSparseLinear.from_linear(lin, Q.QSparseSettings(0.5, rescale=True), Q._SharedInputCache())
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(q.sparsify_input(x).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_embeddings_and_head_not_converted():
+    m = Q.convert(M.build("d1", VOCAB), 0.5)
+    assert type(m.lm_head) is torch.nn.Linear
+    assert type(m.model.embed_tokens) is torch.nn.Embedding
+
+
+def test_measured_sparsity_weighted():
+    m = M.build("d2", VOCAB, hidden_act="silu", seed=0)
+    Q.convert(m, 0.5)
+    got = Q.measured_sparsity(m, torch.randint(0, VOCAB, (2, 16)))
+    for g in ("qkv", "o", "gate_up", "down"):
+        assert got[g] == pytest.approx(0.5)
+    assert got["overall"] == pytest.approx(0.5)
+    # relu2: the down_proj input has natural zeros on top of top-K, so measured > target there
+    m2 = Q.convert(M.build("d2", VOCAB, seed=0), 0.5)
+    got2 = Q.measured_sparsity(m2, torch.randint(0, VOCAB, (2, 16)))
+    assert got2["down"] > 0.5 and got2["qkv"] == pytest.approx(0.5)
+    assert got2["overall"] > 0.5
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(sparsity=1.2), r"sparsity must be in \[0, 1\): got 1.2"),
+    (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\): got -0.1"),
+    (dict(sparsity=0.5, weight_bits="2"), "weight_bits must be one of"),
+    (dict(sparsity=0.5, act_bits=4), "act_bits must be None"),
+    (dict(sparsity=0.5, block=1), "block must be None or an integer >= 2"),
+])
+def test_bad_arguments(kwargs, msg):
+    with pytest.raises(UserError, match=msg):
+        Q.convert(M.build("d1", VOCAB), **kwargs)
