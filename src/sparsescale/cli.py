@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from sparsescale.errors import UserError
+from sparsescale.errors import TrainingDiverged, UserError
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -55,3 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"sparsescale {name}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"sparsescale {name}: diverged: {err}", file=sys.stderr)
+        return 3

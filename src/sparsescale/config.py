@@ -125,3 +125,112 @@ def cli_sizes(argv: list[str]) -> int:
 
 def size_dict(name: str) -> dict:
     return {"size": name, **asdict(get_size(name))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training run
+
+MODES = ("scratch", "continue", "finetune")
+PRECISIONS = ("fp", "1.58")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one run; `config.json` of the run is this, verbatim."""
+
+    data: str = "results/data/builtin"
+    """dataset directory written by `sparsescale prepare`"""
+    out: str | None = None
+    """run directory; default results/runs/{run_id}"""
+    size: str = "d2"
+    """model size name from the size table (`sparsescale sizes`)"""
+    sparsity: float = 0.0
+    """target sparsity S of every projection input (top-K keeps round((1-S) D_in))"""
+    precision: str = "fp"
+    """"fp" (full precision) or "1.58" (BitNet b1.58 ternary weights + 8-bit activations)"""
+    block: int | None = None
+    """N:M block size for Block Q-Sparse (None = per-token top-K over the whole input)"""
+    rescale: bool = False
+    """L2 re-scaling of the sparsified input (paper text; off in the official code)"""
+    seed: int = 0
+    """seed of initialisation and of the batch stream"""
+    mode: str = "scratch"
+    """scratch | continue (convert a dense checkpoint, keep training) | finetune (small lr from a checkpoint)"""
+    init_from: str | None = None
+    """checkpoint (ours or any HF Llama-style path) for continue / finetune"""
+    hidden_act: str = "relu2"
+    """FFN activation for models built from scratch (squared-ReLU GLU)"""
+    seq_len: int = 256
+    """tokens per sequence"""
+    batch_size: int = 16
+    """sequences per optimizer step (global, over all processes)"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward per process (gradient accumulation fills the batch); None = whole batch"""
+    tokens: int | None = None
+    """token budget; None = tokens_per_param x n_params"""
+    tokens_per_param: float = 20.0
+    """budget proportional to N (non-embedding parameters) when `tokens` is None"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW)"""
+    min_lr_ratio: float = 0.1
+    """cosine decay ends at lr x min_lr_ratio"""
+    warmup_frac: float = 0.05
+    """fraction of the steps used for linear warm-up"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """global gradient-norm clipping (0 = off)"""
+    eval_every: int = 0
+    """validation every this many steps (0 = 10 evaluations over the run)"""
+    eval_tokens: int = 65536
+    """validation tokens (fixed set from the start of the validation split)"""
+    checkpoint_every: int = 0
+    """checkpoint every this many steps (0 = 10 checkpoints over the run); always at the end"""
+    keep_checkpoints: int = 2
+    """checkpoints kept on disk (the previous one is the fallback for a corrupted latest)"""
+    log_every: int = 10
+    """train-loss logging interval in steps"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    compile: bool = False
+    """torch.compile the model (CUDA only)"""
+    threads: int | None = None
+    """CPU threads for torch (None = torch default)"""
+    distributed: str = "ddp"
+    """ddp | fsdp when launched with torchrun on several processes"""
+    debug_nan_at_step: int | None = None
+    """fault injection for tests: force a NaN loss at this step"""
+
+    def validate(self) -> "TrainConfig":
+        get_size(self.size)
+        check_sparsity(self.sparsity)
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {PRECISIONS}: got {self.precision!r}")
+        if self.mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}: got {self.mode!r}")
+        if self.mode != "scratch" and not self.init_from:
+            raise UserError(f"mode={self.mode!r} needs init_from=PATH (a checkpoint to start from)")
+        for name in ("seq_len", "batch_size", "eval_tokens", "log_every"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"{name} must be a positive integer: got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0: got {self.lr}")
+        if self.micro_batch_size is not None and (self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size):
+            raise UserError(f"micro_batch_size must divide batch_size={self.batch_size}: got {self.micro_batch_size}")
+        return self
+
+    @property
+    def run_id(self) -> str:
+        """Readable and stable, e.g. d4-s0.60-b1.58-seed0 (mode appended unless scratch)."""
+        rid = f"{self.size}-s{self.sparsity:.2f}-b{self.precision}-seed{self.seed}"
+        if self.block:
+            rid += f"-nm{self.block}"
+        return rid if self.mode == "scratch" else f"{rid}-{self.mode}"
+
+    @property
+    def out_dir(self) -> str:
+        return self.out or f"results/runs/{self.run_id}"

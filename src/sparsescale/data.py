@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -320,9 +319,7 @@ def train_bpe(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
-        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 257 "
-                        "(256 bytes + <|endoftext|>); use e.g. --vocab-size 8192")
+    _check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -330,6 +327,12 @@ def train_bpe(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SEP_TOKEN, eos_token=SEP_TOKEN)
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < 257:
+        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 257 "
+                        "(256 bytes + <|endoftext|>); use e.g. --vocab-size 8192")
 
 
 def load_hf_tokenizer(name_or_path: str):
@@ -377,6 +380,9 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
         raise UserError(f"val fraction must be in (0, 1): got {val_fraction} (--val-fraction)")
     if max_train_tokens is not None and max_train_tokens < 1:
         raise UserError(f"max train tokens must be a positive integer: got {max_train_tokens} (--max-train-tokens)")
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
+    hf_tok = load_hf_tokenizer(tokenizer) if tokenizer is not None else None
     if not corpus.documents:
         raise UserError(f"corpus is empty ({corpus.source}): give a source with text")
     train_docs, val_docs = split_documents(corpus.documents, val_fraction, seed)
@@ -388,7 +394,7 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
                         f"with val fraction {val_fraction}; lower --val-fraction or add documents")
     # The tokenizer sees the whole training split, never validation, and not the budget: datasets that
     # differ only in --max-train-tokens share one tokenizer, so their validation losses compare.
-    tok = train_bpe(train_docs, vocab_size) if tokenizer is None else load_hf_tokenizer(tokenizer)
+    tok = hf_tok if hf_tok is not None else train_bpe(train_docs, vocab_size)
     dtype = token_dtype(len(tok))
     train, train_starts = encode_documents(tok, train_docs, dtype)
     val, _ = encode_documents(tok, val_docs, dtype)
@@ -427,10 +433,9 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
                       "val_fraction": val_fraction, "seed": seed, "max_train_tokens": max_train_tokens},
             "sha256": {name: sha256_file(tmp / name) for name in files},
             "command": command_line(),
-            "elapsed_s": None,
+            "elapsed_s": round(time.time() - t0, 3),
             "versions": versions(),
         }
-        meta["elapsed_s"] = round(time.time() - t0, 3)
         write_json(tmp / "meta.json", meta)
     return meta
 

@@ -7,3 +7,7 @@ Messages name the bad value and the fix, e.g.
 
 class UserError(ValueError):
     """Bad input from a user (config, arguments, files). Printed without a traceback."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN/inf loss: the run stops with this message and a non-zero exit (3)."""

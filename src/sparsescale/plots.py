@@ -29,19 +29,19 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, MultipleLocator, PercentFormatter
 
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_path, read_json
 from sparsescale.scaling import PAPER_CONSTANTS, PAPER_S_STAR, inference_cost_factor, law
 from sparsescale.tables import (
     PRECISION_LABEL, PRECISIONS, PROJECTION_LABEL, PROJECTIONS, Results, finite, fmt_n, interval, load_results,
-    optimal_s, paper_constants_s_star, s_star_of,
+    paper_constants_s_star, s_star_of,
 )
 
 LOSS_LABEL = "validation loss (nats/token)"
 N_LABEL = "non-embedding parameters N"
-NA_LABEL = "activated parameters N_a = N(1 − S)"
+NA_LABEL = r"activated parameters $N_a = N\,(1-S)$"
 S_LABEL = "target sparsity S"
 
 # One theme for every figure: seaborn's ticks style at paper scale, TrueType fonts in PDFs (editable text).
@@ -103,8 +103,8 @@ def n_label(n: float, size: str | None = None) -> str:
 
 def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize="large", color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    # tick_params, not set_xticks([]): the latter would also strip the ticks of axes shared with this one
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
     ax.grid(False)
 
 
@@ -114,8 +114,12 @@ def _corner(ax, text: str, loc: str = "lower left") -> None:
     ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize="small", color="0.25")
 
 
-def _percent_axis(axis, decimals: int = 0) -> None:
-    axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=decimals))
+def _percent_axis(axis, decimals: int | None = 0) -> None:
+    """Fractions shown as percent; decimals=None: as many digits as the ticks need (0.25%, 0.5%)."""
+    if decimals is None:
+        axis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:.3g}%".replace("-", "−")))
+    else:
+        axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=decimals))
 
 
 def fit_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -139,15 +143,15 @@ def _legend(fig: Figure, handles: list, title: str | None = None) -> None:
     fig.legend(handles=handles, loc="outside right center", title=title, fontsize="small", title_fontsize="small")
 
 
-def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """Write `{name}.png` and `{name}.pdf` atomically (no timestamps, no version stamp)."""
+def save_figure(fig: Figure, out_dir: str | Path, name: str, dpi: int | None = None) -> list[Path]:
+    """Write `{name}.png` (at `dpi`, default THEME's 200) and `{name}.pdf` atomically, without timestamps."""
     out_dir = Path(out_dir)
     paths = []
     with theme():
         for ext, meta in (("png", PNG_METADATA), ("pdf", PDF_METADATA)):
             path = out_dir / f"{name}.{ext}"
             with atomic_path(path, suffix=f".{ext}") as tmp:
-                fig.savefig(tmp, format=ext, metadata=meta)
+                fig.savefig(tmp, format=ext, metadata=meta, dpi=dpi if ext == "png" else None)  # None: THEME's dpi
             paths.append(path)
     return paths
 
@@ -234,8 +238,9 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
     with theme():
         fig, axes = _figure(1, 1, (6.4, 3.4))
         ax = axes[0, 0]
-        handles, tops, bottoms = [], [], []
+        columns, tops, bottoms = {p: [] for p in PRECISIONS}, [], []  # one legend column per precision
         for prec in PRECISIONS:
+            handles = columns[prec]
             fit, color = fits.get(prec), PRECISION_COLOR[prec]
             if fit:
                 form = fit.get("form", "paper")
@@ -249,9 +254,9 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
                 ax.axvline(star, color=color, lw=1.0)
                 ax.plot([star], [ystar], "o", color=color, ms=5, zorder=4)
                 text = f"{PRECISION_LABEL[prec]} fit: S* = {100 * star:.1f}%"
-                text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+                text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]%" if ci else ""
                 handles.append(Line2D([], [], color=color, lw=1.6, marker="o", ms=5, label=text))
-                tops.append(float(y[grid <= 0.8].max()))
+                tops.append(float(y[grid <= 0.75].max()))  # above this S the curves shoot up: clip there
                 bottoms.append(float(y.min()))
             else:
                 handles.append(Line2D([], [], color=color, lw=0, label=f"{PRECISION_LABEL[prec]}: no fit"))
@@ -259,21 +264,23 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
             handles.append(Line2D([], [], color=color, ls="--", lw=1.0,
                                   label=f"{PRECISION_LABEL[prec]} paper: S* = {100 * PAPER_S_STAR[prec]:.2f}%"))
         # The paper's printed (rounded) constants, for reference: they put S* near 50%, not 45.58%.
-        yp = inference_cost_factor(PAPER_CONSTANTS, grid) / inference_cost_factor(PAPER_CONSTANTS, 0.0)
+        f0 = inference_cost_factor(PAPER_CONSTANTS, 0.0)
+        yp, pstar = inference_cost_factor(PAPER_CONSTANTS, grid) / f0, paper_constants_s_star()
         ax.plot(grid, yp, color="0.55", ls="-.", lw=1.0)
-        handles.append(Line2D([], [], color="0.55", ls="-.", lw=1.0,
-                              label=f"paper's printed constants (fp): S* = {100 * paper_constants_s_star():.1f}%"))
-        if any(fits.get(p) for p in PRECISIONS):
-            handles.append(Patch(color="0.5", alpha=0.25, lw=0, label="95% bootstrap interval of S*"))
-        tops.append(float(yp[grid <= 0.8].max()))
+        ax.plot([pstar], [inference_cost_factor(PAPER_CONSTANTS, pstar) / f0], "o", color="0.55", ms=4, zorder=4)
+        columns["fp"].append(Line2D([], [], color="0.55", ls="-.", lw=1.0, marker="o", ms=4,
+                                    label=f"paper's printed constants: S* = {100 * pstar:.1f}%"))
+        columns["1.58"].append(Patch(color="0.5", alpha=0.25, lw=0, label="95% bootstrap interval of S*"))
+        tops.append(float(yp[grid <= 0.75].max()))
         bottoms.append(float(yp.min()))
         lo, hi = min(bottoms), max(tops)
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.set_xlim(0.0, 0.9)
         _percent_axis(ax.xaxis)
         ax.set_xlabel(S_LABEL)
-        ax.set_ylabel("A(S)·(1 − S)^α / A(0)\n(loss term at equal N_a, vs dense)")
-        fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")
+        ax.set_ylabel(r"$A(S)\,(1-S)^{\alpha}\ /\ A(0)$")
+        ax.set_title(r"loss term at equal activated parameters $N_a$, relative to dense", fontsize="medium")
+        fig.legend(handles=columns["fp"] + columns["1.58"], loc="outside lower center", ncols=2, fontsize="small")
     return fig
 
 
@@ -307,8 +314,8 @@ def plot_activated(runs: pd.DataFrame, fits: dict) -> Figure:
             else:
                 _corner(ax, "no fit: data only", "upper right")
             ax.set_xscale("log")
-            ax.set_xlabel(NA_LABEL)
             ax.tick_params(labelleft=True)
+        fig.supxlabel(NA_LABEL, fontsize="medium")
         axes[0, 0].set_ylabel(LOSS_LABEL)
         handles = [Line2D([], [], color=colors[s], marker="o", ms=4, lw=1.1, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="k", ls="--", lw=1.4, label="frontier:\nmin over S of the law")]
@@ -350,15 +357,16 @@ def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
             for (prec, s), g in mean.groupby(["precision", "sparsity"], sort=False):
                 ax.plot(g.tokens, g[col], color=colors[s], ls=PRECISION_STYLE[prec], lw=1.2,
                         marker="o" if col == "val_loss" else None, ms=2.5)
-            # Skip the first tenth of training on the y axis: early losses near ln(vocab) would flatten the rest.
-            late = mean[mean.tokens >= 0.1 * tmax][col]
+            # Clip the first quarter of training on the y axis: early losses near ln(vocab) would flatten the rest.
+            late = mean[mean.tokens >= 0.25 * tmax][col]
             lo, hi = float(mean[col].min()), float(late.max() if len(late) else mean[col].max())
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             ax.set_xlabel("training tokens")
         axes[0, 0].set_ylabel("loss (nats/token)")
         n = int(c.n_params.iloc[0])
         fig.suptitle(f"{n_label(n, size)}, non-embedding; mean over seeds", fontsize="medium")
-        handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s).replace("(dense)", "(dense)")) for s in colors]
+        handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, label=PRECISION_LABEL[p])
                     for p in PRECISIONS if (c.precision == p).any()]
         _legend(fig, handles)
@@ -382,13 +390,15 @@ def plot_measured_sparsity(runs: pd.DataFrame) -> Figure:
                 _no_data(ax, "no runs" if r.empty else "no measured sparsity")
                 continue
             ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.9, zorder=1)
-            for key, col in cols.items():
+            for i, (key, col) in enumerate(cols.items()):
                 g = r.groupby("sparsity")[col].agg(["mean", "std"]).dropna(subset=["mean"])
                 color, marker = PROJECTION_STYLE[key]
-                ax.errorbar(g.index, g["mean"], yerr=g["std"].fillna(0.0), color=color, marker=marker, ms=4,
+                dodge = 0.012 * (i - (len(cols) - 1) / 2)  # fixed offset so coinciding projections stay visible
+                ax.errorbar(g.index + dodge, g["mean"], yerr=g["std"].fillna(0.0), color=color, marker=marker, ms=4,
                             lw=2.0 if key == "overall" else 1.1, capsize=2, zorder=3 if key == "overall" else 2)
-            ax.set_xlim(-0.03, 1.0)
+            ax.set_xlim(-0.04, min(1.0, float(r.sparsity.max()) + 0.06))
             ax.set_ylim(-0.03, 1.03)
+            ax.xaxis.set_major_locator(MultipleLocator(0.2))
             _percent_axis(ax.xaxis)
             _percent_axis(ax.yaxis)
             ax.set_xlabel(S_LABEL)
@@ -439,13 +449,14 @@ def plot_residuals(runs: pd.DataFrame, fits: dict) -> Figure:
             _loso_panel(row[2], fit, scolors)
             for ax in row:
                 ax.axhline(0.0, color="0.4", lw=0.8)
-                _percent_axis(ax.yaxis, 1)
+                _percent_axis(ax.yaxis, None)
         axes[0, 0].set_title("by model size")
         axes[0, 1].set_title("by sparsity")
-        axes[0, 2].set_title("largest size held out")
-        handles = [Line2D([], [], color=c, marker="o", lw=0, ms=4, label=s_label(s)) for s, c in scolors.items()]
-        handles += [Line2D([], [], color=c, marker="o", lw=0, ms=4, label=n_label(n, sizes[n])) for n, c in ncolors.items()]
-        _legend(fig, handles)
+        axes[0, 2].set_title("leave-one-size-out")
+        fig.legend(handles=[Line2D([], [], color=c, marker="o", lw=0, ms=4, label=s_label(s)) for s, c in scolors.items()],
+                   loc="outside right upper", title="colour in columns 1, 3", fontsize="small", title_fontsize="small")
+        fig.legend(handles=[Line2D([], [], color=c, marker="o", lw=0, ms=4, label=n_label(n, sizes[n])) for n, c in ncolors.items()],
+                   loc="outside right lower", title="colour in column 2", fontsize="small", title_fontsize="small")
     return fig
 
 
@@ -487,6 +498,7 @@ def plot_spike_profile(profile: dict) -> Figure:
         ax.plot(x, [d["max_abs_input"] for d in layers], color=CB[0], marker="o", ms=3.5, label="down_proj input")
         ax.plot(x, [d["max_abs_output"] for d in layers], color=CB[3], marker="s", ms=3.5, label="down_proj output")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("max |activation|")
         if profile.get("model"):
@@ -506,7 +518,7 @@ def plot_speedup(bench: pd.DataFrame) -> Figure:
         keys = bench[["d_in", "d_out", "dtype"]].drop_duplicates().sort_values(["d_in", "d_out", "dtype"]).itertuples(index=False)
         for i, (d_in, d_out, dtype) in enumerate(keys):
             g = bench[(bench.d_in == d_in) & (bench.d_out == d_out) & (bench.dtype == dtype)].sort_values("sparsity")
-            ax.plot(g.sparsity, g.speedup, marker="o", ms=3.5, color=CB[i % len(CB)], label=f"{d_out}×{d_in} {dtype}")
+            ax.plot(g.sparsity, g.speedup, marker="o", ms=3.5, color=CB[i % len(CB)], label=f"W {d_out}×{d_in}, {dtype}")
         grid = np.linspace(0.0, float(bench.sparsity.max()), 100)
         ax.plot(grid, 1.0 / (1.0 - grid), color="0.4", ls="--", lw=1.0, label="ideal 1/(1 − S)")
         ax.axhline(1.0, color="0.7", lw=0.8)
@@ -544,12 +556,12 @@ def _need_file(path: str, flag: str) -> str:
 
 
 def make_figures(results: Results, out_dir: str | Path, options: argparse.Namespace | None = None,
-                 names: list[str] | None = None) -> list[Path]:
+                 names: list[str] | None = None, dpi: int | None = None) -> list[Path]:
     """Render the named figures (default: all of FIGURES) into `out_dir`; return the written paths."""
     options = options or argparse.Namespace(curves_size=None)
     paths = []
     for name in names or list(FIGURES):
-        paths += save_figure(FIGURES[name](results, options), out_dir, name)
+        paths += save_figure(FIGURES[name](results, options), out_dir, name, dpi)
     return paths
 
 
@@ -561,6 +573,7 @@ def cli_figures(argv: list[str]) -> int:
     ap.add_argument("--out", default="results/figures", help="output folder for {name}.png and {name}.pdf")
     ap.add_argument("--curves-size", default=None, help="size (flavor) of figure 5; default: best-covered, largest N")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(FIGURES)}")
+    ap.add_argument("--dpi", type=int, default=THEME["savefig.dpi"], help="PNG resolution (the PDF is vector)")
     ap.add_argument("--spike-profile", default=None, help="super-weight spike profile JSON -> fig8_spike_profile")
     ap.add_argument("--bench", default=None, help="GEMV benchmark CSV -> fig9_speedup")
     args = ap.parse_args(argv)
@@ -571,10 +584,10 @@ def cli_figures(argv: list[str]) -> int:
         if unknown:
             raise UserError(f"unknown figure {unknown[0]!r} in --only: choose from {', '.join(FIGURES)}")
     results = load_results(args.runs, args.fit_dir, args.curves)
-    paths = make_figures(results, args.out, args, names)
+    paths = make_figures(results, args.out, args, names, args.dpi)
     for name, (attr, draw) in OPTIONAL_FIGURES.items():
         if getattr(args, attr):
-            paths += save_figure(draw(getattr(args, attr)), args.out, name)
+            paths += save_figure(draw(getattr(args, attr)), args.out, name, args.dpi)
     for path in paths:
         print(path)
     return 0

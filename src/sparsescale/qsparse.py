@@ -69,35 +69,42 @@ _numba_kernel = None
 
 
 def _get_numba_kernel():
-    """Compile (once, cached on disk) the fused CPU kernel: per row, quickselect the k-th largest |x|, then keep
-    every entry above it and the first ties up to exactly k."""
+    """Compile (once, cached on disk) the masking pass of the CPU path: given the k-th largest magnitude of
+    every row, keep the entries above it and the first ties, so that exactly k entries survive."""
     global _numba_kernel
     if _numba_kernel is None:
         import numba
 
-        @numba.njit(parallel=True, cache=True, fastmath=False)
-        def topk_rows(x, k, out):  # x, out: (R, D) float32
+        @numba.njit(parallel=True, cache=True)
+        def mask_rows(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x| per row
             R, D = x.shape
             for r in numba.prange(R):
-                a = np.abs(x[r])
-                thr = np.partition(a, D - k)[D - k]  # k-th largest magnitude
+                t = thr[r]
                 n_gt = 0
                 for j in range(D):
-                    if a[j] > thr:
-                        n_gt += 1
+                    n_gt += abs(x[r, j]) > t
                 ties = k - n_gt
                 for j in range(D):
-                    v = a[j]
-                    if v > thr:
+                    v = abs(x[r, j])
+                    if v > t:
                         out[r, j] = x[r, j]
-                    elif v == thr and ties > 0:
+                    elif v == t and ties > 0:
                         out[r, j] = x[r, j]
                         ties -= 1
                     else:
                         out[r, j] = 0.0
 
-        _numba_kernel = topk_rows
+        _numba_kernel = mask_rows
     return _numba_kernel
+
+
+def _match_threads() -> None:
+    """Use as many numba threads as torch does: idle-spinning extra threads on a busy CPU cost 10x."""
+    import numba
+
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
@@ -105,7 +112,12 @@ def _numba_ok(x: torch.Tensor) -> bool:
 
 
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest-magnitude entries of the last dimension of x, per row (no gradient logic here)."""
+    """Keep the k largest-magnitude entries of the last dimension of x, per row (no gradient logic here).
+
+    CPU fp32: numpy's partition (a vectorised introselect, several times faster than torch.topk on CPU)
+    finds each row's k-th largest magnitude, then one fused numba pass masks the row. Elsewhere (CUDA, bf16):
+    torch.topk + scatter.
+    """
     d = x.shape[-1]
     if k >= d:
         return x
@@ -114,14 +126,12 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
             kernel = _get_numba_kernel()
         except ImportError:  # numba missing: torch path
             return _topk_torch(x, k)
-        import numba
-
-        if numba.get_num_threads() != min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        x2 = x.detach().reshape(-1, d).contiguous()
-        out = torch.empty_like(x2)
-        kernel(x2.numpy(), k, out.numpy())
-        return out.view_as(x)
+        _match_threads()
+        x2 = x.detach().reshape(-1, d).contiguous().numpy()  # (R, D), shares memory
+        thr = np.partition(np.abs(x2), d - k, axis=1)[:, d - k].copy()  # (R,) k-th largest magnitude
+        out = torch.empty(x2.shape, dtype=x.dtype)
+        kernel(x2, thr, k, out.numpy())
+        return out.view(x.shape)
     return _topk_torch(x, k)
 
 

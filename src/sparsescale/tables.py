@@ -220,11 +220,10 @@ class Table:
     """Display cells for Markdown/LaTeX plus a tidy numeric frame for CSV."""
 
     name: str
-    header: list[str]  # Markdown header; LaTeX gets the same text escaped unless `tex_header` is set
+    header: list[str]  # Markdown header; LaTeX gets the same text escaped
     rows: list[list[str]]
     data: pd.DataFrame
     notes: list[str] = field(default_factory=list)
-    tex_header: list[str] | None = None
     tex_first: list[str] | None = None  # LaTeX first-column cells (already LaTeX), e.g. "$\\alpha$" for "α"
     groups: list[int] = field(default_factory=list)  # row indices before which LaTeX draws a \midrule
 
@@ -251,7 +250,7 @@ def tex_escape(s: str) -> str:
 
 def to_latex(t: Table) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); notes become LaTeX comments below it."""
-    head = t.tex_header or [tex_escape(h) for h in t.header]
+    head = [tex_escape(h) for h in t.header]
     lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
     for i, r in enumerate(t.rows):
         if i in t.groups and i > 0:

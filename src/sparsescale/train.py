@@ -1,0 +1,345 @@
+"""`train(cfg)`: one readable training loop for every run of the sweep (no Trainer class hierarchy).
+
+Features
+- Modes: scratch (ReLU^2 GLU Llama, Q-Sparse from step 0), continue (load a dense checkpoint, ours or any HF
+  Llama-style path, convert it, keep training; a SiLU model keeps SiLU), finetune (start from a checkpoint with
+  a small learning rate on another dataset).
+- AdamW (0.9, 0.95), weight decay on matrices only, linear warm-up + cosine decay, gradient clipping,
+  gradient accumulation; bf16 autocast (and optional torch.compile) on CUDA, fp32 on CPU.
+- Token budget fixed or proportional to N; validation loss (nats/token) on a fixed set at intervals and at
+  the end; measured sparsity per projection; a progress bar with loss and tokens/s.
+- Checkpoints written atomically with a sha256 sidecar every M steps and at the end; a rerun resumes from the
+  latest checkpoint that verifies (a corrupted one is skipped with a warning). The batch stream is a pure
+  function of (seed, step), so a resumed run equals an uninterrupted one bit for bit on CPU.
+- A NaN/inf loss stops the run with a clear message (exit 3) and leaves no final.json.
+- Output in results/runs/{run_id}/: config.json, metrics.jsonl, final.json (written last: it marks the run
+  complete), model/ (HF checkpoint, safetensors).
+- Data-parallel (DDP) or fully sharded (FSDP) when launched with torchrun (see `distributed.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsescale import data as D
+from sparsescale import model as M
+from sparsescale import qsparse as Q
+from sparsescale.config import TrainConfig, count_params, get_size
+from sparsescale.errors import TrainingDiverged, UserError
+from sparsescale.io import atomic_path, read_json, sha256_file, versions, write_json
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pieces of the loop
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        warnings.warn("device=cuda asked for but CUDA is not available: falling back to CPU")
+        return "cpu"
+    return name
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    warm = max(1, int(round(cfg.warmup_frac * total)))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats/token. x, y: (B, T)."""
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: int, device: str) -> float:
+    """Validation loss (nats/token) over the fixed first `n_tokens` tokens of the validation split."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in D.val_batches(val_tokens, n_tokens, seq_len, batch_size):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = lm_loss(model, x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train(was)
+    return total / count
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, token_ids: dict) -> torch.nn.Module:
+    if cfg.mode == "scratch":
+        model = M.build(cfg.size, vocab_size, max_seq_len=cfg.seq_len, hidden_act=cfg.hidden_act,
+                        seed=cfg.seed, **token_ids)
+    else:
+        model = M.load(cfg.init_from, dtype=torch.float32)
+        if model.config.vocab_size < vocab_size:
+            raise UserError(f"tokenizer vocab ({vocab_size}) does not fit the model loaded from {cfg.init_from} "
+                            f"(vocab_size={model.config.vocab_size}): prepare the data with that model's tokenizer")
+    Q.convert(model, cfg.sparsity, weight_bits=cfg.precision, act_bits=8 if cfg.precision == "1.58" else None,
+              block=cfg.block, rescale=cfg.rescale)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints: step_XXXXXXXX.pt + step_XXXXXXXX.pt.sha256, newest that verifies wins
+
+def _ckpt_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def save_checkpoint(out: Path, step: int, model, opt, keep: int) -> Path:
+    d = _ckpt_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"step_{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+    with atomic_path(path.with_suffix(".pt.sha256")) as tmp:
+        tmp.write_text(sha256_file(path) + "\n")
+    for old in sorted(d.glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """Newest checkpoint whose sha256 matches its sidecar; corrupted ones are reported and skipped."""
+    for path in sorted(_ckpt_dir(out).glob("step_*.pt"), reverse=True):
+        side = path.with_suffix(".pt.sha256")
+        if side.is_file() and side.read_text().strip() == sha256_file(path):
+            return path
+        msg = f"checkpoint {path} fails its checksum (truncated or corrupted): skipping it, using the previous one"
+        warnings.warn(msg)
+        print(f"WARNING: {msg}", file=sys.stderr)
+    return None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training run; returns the content of final.json."""
+    from sparsescale import distributed as dist
+
+    cfg.validate()
+    ctx = dist.init()  # rank / world size from torchrun's environment; single process otherwise
+    device = pick_device(cfg.device) if ctx.world_size == 1 else ctx.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+
+    meta = D.load_meta(cfg.data)
+    vocab_size = int(meta["vocab_size"])
+    train_tokens, val_tokens = D.load_tokens(cfg.data, "train"), D.load_tokens(cfg.data, "val")
+    args = get_size(cfg.size)
+    counts = count_params(args, vocab_size, cfg.sparsity)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    budget = cfg.tokens if cfg.tokens is not None else int(cfg.tokens_per_param * counts["n_params"])
+    if budget < tokens_per_step:
+        raise UserError(f"token budget {budget} is smaller than one batch ({cfg.batch_size} x {cfg.seq_len} = "
+                        f"{tokens_per_step} tokens): raise tokens / tokens_per_param or lower batch_size")
+    if len(train_tokens) <= cfg.seq_len + 1:
+        raise UserError(f"training split of {cfg.data} has {len(train_tokens)} tokens, fewer than seq_len+1={cfg.seq_len + 1}")
+    steps = budget // tokens_per_step
+    eval_every = cfg.eval_every or max(1, steps // 10)
+    ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if (cfg.batch_size // ctx.world_size) % micro and micro != cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} / {ctx.world_size} processes is not a multiple of micro_batch_size={micro}")
+
+    token_ids = {"bos_token_id": meta.get("bos_id"), "eos_token_id": meta.get("eos_id")}
+    model = build_model(cfg, vocab_size, token_ids).to(device)
+    if model.config.vocab_size != vocab_size and cfg.mode == "scratch":
+        raise UserError(f"tokenizer vocab {vocab_size} does not fit model vocab {model.config.vocab_size}")
+    model.train()
+    opt = make_optimizer(model, cfg)
+
+    start = 0
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"run_id": cfg.run_id, **dataclasses.asdict(cfg), "versions": versions()})
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if ctx.is_main:
+            print(f"resuming {cfg.run_id} from {ckpt.name} (step {start}/{steps})", file=sys.stderr)
+            _truncate_metrics(out / "metrics.jsonl", start)
+    step_model = dist.wrap(model, ctx, cfg)  # DDP / FSDP wrapper or the model itself
+    if cfg.compile and device == "cuda":
+        step_model = torch.compile(step_model)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=cfg.run_id, disable=not ctx.is_main, mininterval=2.0,
+               file=sys.stderr, dynamic_ncols=True)
+    metrics_f = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    t0, tok_seen = time.perf_counter(), 0
+    wall_before = 0.0
+    try:
+        for step in range(start, steps):
+            lr = lr_at(step, steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x_all, y_all = D.get_batch(train_tokens, step, cfg.batch_size, cfg.seq_len, cfg.seed,
+                                       rank=ctx.rank, world_size=ctx.world_size)
+            n_micro = max(1, x_all.shape[0] // micro)
+            loss_sum = 0.0
+            for i in range(n_micro):
+                x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                with dist.no_sync_unless_last(step_model, i == n_micro - 1), \
+                        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                    loss = lm_loss(step_model, x, y)
+                    if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
+                        loss = loss * float("nan")
+                (loss / n_micro).backward()
+                loss_sum += float(loss.detach()) / n_micro
+            loss_val = dist.mean_over_ranks(loss_sum, ctx)
+            if not math.isfinite(loss_val):
+                raise TrainingDiverged(f"run {cfg.run_id}: training loss is {loss_val} at step {step} (lr {lr:.3g}); "
+                                       "lower the learning rate or raise warm-up; no final.json was written")
+            if cfg.grad_clip > 0:
+                dist.clip_grad_norm(step_model, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tok_seen += tokens_per_step
+            done = step + 1
+            rec = None
+            if done % cfg.log_every == 0 or done == steps:
+                rec = {"step": done, "tokens": done * tokens_per_step, "train_loss": loss_val, "lr": lr}
+            if done % eval_every == 0 or done == steps:
+                rec = rec or {"step": done, "tokens": done * tokens_per_step, "train_loss": loss_val, "lr": lr}
+                rec["val_loss"] = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len,
+                                                micro, device)
+            if rec is not None and ctx.is_main:
+                elapsed = time.perf_counter() - t0
+                rec["tokens_per_s"] = tok_seen / elapsed if elapsed > 0 else None
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
+            if (done % ckpt_every == 0 or done == steps) and done < steps:
+                dist.barrier(ctx)
+                if ctx.is_main:
+                    save_checkpoint(out, done, model, opt, cfg.keep_checkpoints)
+            bar.update(1)
+    finally:
+        bar.close()
+        if metrics_f:
+            metrics_f.close()
+    wall = time.perf_counter() - t0 + wall_before
+
+    # final evaluation: validation loss on the fixed set and measured sparsity on the first validation batch
+    val_loss = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len, micro, device)
+    x_val, _ = next(D.val_batches(val_tokens, cfg.seq_len * min(micro, 4), cfg.seq_len, min(micro, 4)))
+    measured = Q.measured_sparsity(model, x_val.to(device))
+    final = {
+        "run_id": cfg.run_id, "size": cfg.size, "mode": cfg.mode,
+        "n_params": counts["n_params"], "n_params_total": counts["n_params_total"], "n_active": counts["n_active"],
+        "sparsity": cfg.sparsity, "sparsity_measured": measured["overall"],
+        **{f"sparsity_measured_{g}": measured.get(g) for g in ("qkv", "o", "gate_up", "down")},
+        "precision": cfg.precision, "seed": cfg.seed, "tokens": steps * tokens_per_step, "steps": steps,
+        "val_loss": val_loss, "val_tokens": cfg.eval_tokens, "lr": cfg.lr, "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len, "block": cfg.block, "rescale": cfg.rescale, "vocab_size": vocab_size,
+        "wall_time_s": wall, "device": device, "world_size": ctx.world_size, "resumed_from_step": start,
+        "data": str(cfg.data), "data_sha256": meta.get("sha256", {}), "config": dataclasses.asdict(cfg),
+        "versions": versions(),
+    }
+    if not math.isfinite(val_loss):
+        raise TrainingDiverged(f"run {cfg.run_id}: validation loss is {val_loss}; no final.json was written")
+    if ctx.is_main:
+        tok = D.load_tokenizer(cfg.data) if (Path(cfg.data) / "tokenizer.json").exists() else None
+        M.save(model, out / "model", tokenizer=tok)
+        write_json(out / "final.json", final)  # last: its presence marks the run complete
+        for p in _ckpt_dir(out).glob("step_*"):
+            p.unlink(missing_ok=True)
+        print(f"{cfg.run_id}: val_loss {val_loss:.4f} nats/token, measured sparsity {measured['overall']:.3f}, "
+              f"{steps} steps, {wall:.0f}s", file=sys.stderr)
+    dist.finish(ctx)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: every TrainConfig field is a flag; --config FILE (YAML/JSON) gives defaults that flags override
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def config_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train one model and write results/runs/{run_id}/.")
+    p.add_argument("--config", help="YAML or JSON file with TrainConfig fields (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        conv = _parse_bool if "bool" in typ else int if typ.startswith("int") else float if typ.startswith("float") else str
+        doc = ""
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None, help=doc or None)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    base: dict = {}
+    if a.config:
+        path = Path(a.config)
+        if not path.is_file():
+            raise UserError(f"--config {a.config}: no such file")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            base = yaml.safe_load(path.read_text()) or {}
+        else:
+            base = read_json(path)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(base) - known - {"run_id", "versions"})
+        if unknown:
+            raise UserError(f"{a.config}: unknown keys {unknown}; valid keys: {sorted(known)}")
+        base = {k: v for k, v in base.items() if k in known}
+    over = {k: v for k, v in vars(a).items() if k != "config" and v is not None}
+    return TrainConfig(**{**base, **over})
+
+
+def cli_train(argv: list[str]) -> int:
+    a = config_parser("sparsescale train").parse_args(argv)
+    cfg = config_from_args(a)
+    if os.environ.get("SPARSESCALE_PRINT_RUN_ID"):
+        print(cfg.run_id)
+        return 0
+    train(cfg)
+    return 0

@@ -1,0 +1,282 @@
+"""Super weights on a planted fixture: exact detection, nothing on random models, bit-exact restoration,
+ablations that behave as in the paper, known coordinates, bad input, and the CLI on a saved checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+import planted
+from sparsescale import probes, qsparse
+from sparsescale import superweight as sw
+from sparsescale.errors import UserError
+from sparsescale.model import save
+
+PLANTED = (planted.PLANT_LAYER, planted.ROW_J, planted.COL_K)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return planted.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return planted.planted_model(tok)
+
+
+@pytest.fixture(scope="module")
+def ids(model, tok):
+    return planted.self_generated(model, tok, n_seq=16, prompt_len=1)
+
+
+def state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def same_state(m, ref):
+    now = m.state_dict()
+    return now.keys() == ref.keys() and all(torch.equal(now[k], ref[k]) for k in ref)
+
+
+def loss(m, ids):
+    return probes.sequence_loss(m, ids, skip=1)["loss"]  # the random first token is not the model's own
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detection
+
+def test_detect_returns_exactly_the_planted_weight(model, tok):
+    det = sw.find_super_weights(model, tok)
+    assert [s.coord for s in det.super_weights] == [PLANTED]
+    s = det.super_weights[0]
+    assert s.value == pytest.approx(planted.SUPER)
+    assert s.token_index == 0  # BOS, prepended by encode
+    assert det.bos_prepended and det.token_ids[0] == tok.bos_token_id
+    assert 15 < s.input_spike < 22 and 6 < s.output_spike < 9  # relu(9.8 a)^2 9.8 a with a = 0.3; x 0.4
+    assert s.input_ratio > 100 and s.output_ratio > 100 and s.concentration > 20
+    assert s.col_is_max_input and s.kept_by_topk is None
+    assert det.echoes == [] and sw.siblings(det.super_weights) == []
+    # iteration 2 saw the column's ordinary weights times the spike and called them diffuse
+    assert len(det.iterations) == 2
+    assert [c["status"] for c in det.iterations[1]["candidates"]] == ["diffuse"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("act", ["relu2", "silu"])
+def test_detect_finds_nothing_in_random_models(tok, seed, act):
+    m = planted.random_model(tok, seed=seed, hidden_act=act)
+    det = sw.find_super_weights(m, tok)
+    assert det.super_weights == [] and det.echoes == []
+    assert len(det.iterations) == 1 and det.iterations[0]["candidates"] == []
+    ratios = sw._ratios([r["max_abs_input"] for r in det.profile["layers"]])
+    assert max(ratios) < 3  # far below the threshold of 10
+
+
+def test_model_restored_bit_exact_after_detect(tok):
+    m = planted.planted_model(tok, sibling=0.3)
+    ref = state(m)
+    det = sw.find_super_weights(m, tok)
+    assert len(det.super_weights) == 2  # two weights were zeroed during the search
+    assert same_state(m, ref)
+
+
+def test_model_restored_when_detection_fails_midway(tok, monkeypatch):
+    m = planted.planted_model(tok)
+    ref = state(m)
+    real, calls = sw._capture, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:  # after the planted weight was zeroed
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(sw, "_capture", failing)
+    with pytest.raises(RuntimeError):
+        sw.find_super_weights(m, tok)
+    assert m.model.layers[1].mlp.down_proj.weight[planted.ROW_J, planted.COL_K].item() == pytest.approx(planted.SUPER)
+    assert same_state(m, ref)
+
+
+def test_sibling_sharing_a_column_found_in_the_next_iteration(tok):
+    det = sw.find_super_weights(planted.planted_model(tok, sibling=0.3), tok)
+    assert [(s.coord, s.iteration) for s in det.super_weights] == [(PLANTED, 1), ((1, planted.ROW_J2, planted.COL_K), 2)]
+    assert sw.siblings(det.super_weights) == [{"layer": 1, "shared": "col", "index": planted.COL_K,
+                                               "members": [list(PLANTED), [1, planted.ROW_J2, planted.COL_K]]}]
+
+
+@pytest.mark.parametrize("echo_layer", [2, 3])  # cancelling in a middle layer (persistence), in the last layer
+def test_echo_is_reported_not_kept(tok, echo_layer):
+    det = sw.find_super_weights(planted.planted_model(tok, size="d4", echo_layer=echo_layer), tok)
+    assert [s.coord for s in det.super_weights] == [PLANTED]
+    assert [s.coord for s in det.echoes] == [(echo_layer, planted.ROW_J, planted.COL_ECHO)]
+    assert det.echoes[0].output_spike < 0  # it writes back the opposite of the super activation
+
+
+def test_absolute_rule_is_the_official_one(model, tok):
+    assert sw.detect(model, tok, rule="absolute") == []  # input spike ~18 < 50: missed, like SmolLM2-1.7B
+    assert [s.coord for s in sw.detect(model, tok, rule="absolute", abs_threshold=5.0)] == [PLANTED]
+
+
+def test_spike_profile(model, tok):
+    prof = sw.spike_profile(model, tok)
+    rows = prof["layers"]
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"layer", "max_abs_input", "max_abs_output", "input_channel", "output_channel",
+                            "token_index", "input_token_index"}
+    r = rows[1]
+    assert (r["input_channel"], r["output_channel"], r["token_index"]) == (planted.COL_K, planted.ROW_J, 0)
+    assert r["max_abs_input"] > 100 * rows[0]["max_abs_input"]
+    json.dumps(prof)
+
+
+def test_qsparse_model_keeps_the_super_activation(tok):
+    m = qsparse.convert(planted.planted_model(tok), sparsity=0.5)
+    det = sw.find_super_weights(m, tok)
+    assert [s.coord for s in det.super_weights] == [PLANTED]
+    assert det.super_weights[0].kept_by_topk is True  # top-K keeps the largest magnitudes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ablations
+
+def test_zeroing_hurts_much_more_than_pruning_other_large_weights(model, ids):
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    ref = state(model)
+    base = loss(model, ids)
+    with sw.zeroed(model, sws):
+        zero = loss(model, ids)
+    with sw.pruned_others(model, sws, 1) as pruned:
+        other = loss(model, ids)
+    assert len(pruned) == 1 and pruned[0][:3] != ("layers.1.mlp.down_proj", planted.ROW_J, planted.COL_K)
+    assert zero - base > 0.1
+    assert zero - base > 20 * abs(other - base)
+    assert same_state(model, ref)
+
+
+def test_restoring_the_super_activation_recovers_most_of_the_loss(model, ids):
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    ref = state(model)
+    base = loss(model, ids)
+    with sw.zeroed(model, sws):
+        zero = loss(model, ids)
+    with sw.restored_activation(model, sws):
+        assert model.model.layers[1].mlp.down_proj.weight[planted.ROW_J, planted.COL_K].item() == 0.0
+        restored = loss(model, ids)
+    # only BOS activates channel K here, so writing back Y[:, 0, J] undoes almost all of the damage
+    assert (zero - restored) / (zero - base) > 0.95
+    assert same_state(model, ref)
+    assert not model.model.layers[1].mlp.down_proj._forward_hooks
+
+
+def test_scale_factor_one_is_the_original_and_the_curve_has_its_minimum_there(model, ids):
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    ref = state(model)
+    x = ids[:2]
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        with sw.scaled(model, sws, 1.0):
+            assert torch.equal(model(input_ids=x).logits, logits)
+    curve = {}
+    for f in (0.0, 0.5, 1.0, 2.0, 3.0):
+        with sw.scaled(model, sws, f):
+            curve[f] = loss(model, ids)
+    assert curve[0.0] > curve[0.5] > curve[1.0] and curve[3.0] > curve[2.0] > curve[1.0]
+    assert same_state(model, ref)
+
+
+def test_largest_other_weights_skip_the_super_weight(model):
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    others = sw.largest_other_weights(model, sws, 5)
+    values = [abs(v) for *_, v in others]
+    assert len(others) == 5 and values == sorted(values, reverse=True)
+    assert all((name, r, c) != ("layers.1.mlp.down_proj", planted.ROW_J, planted.COL_K) for _, name, r, c, _ in others)
+    # without excluding it, the planted weight would be the largest of all down_proj weights
+    assert others[0][4] != pytest.approx(planted.SUPER) and abs(others[0][4]) < planted.SUPER
+    everywhere = sw.largest_other_weights(model, sws, 2, scope="all")
+    assert {e[1] for e in everywhere} == {"layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"}  # the planted circuit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# known coordinates
+
+def test_known_table_holds_the_reference_coordinates():
+    table = sw.known_table()["models"]
+    assert len(table) == 10
+    assert sum(len(e["coordinates"]) for e in table.values()) == 21
+    assert sw.known_entry("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", [[1, 2533, 7890]])
+    assert sw.known_entry("/models/OLMo-1B-0724-hf/")[1] == [[1, 1764, 1710]]  # a local copy, by its folder name
+    assert sw.known_entry("mistral-7b")[0] == "mistralai/Mistral-7B-v0.1"
+    assert sw.known_entry("runs/d6-s0.5") is None
+    detected = [sw.SuperWeight(2, 2231, 2278, 1.0, 0, 0, 0), sw.SuperWeight(5, 1, 1, 1.0, 0, 0, 0)]
+    cmp = sw.compare_known(detected, *sw.known_entry("huggyllama/llama-13b"))
+    assert cmp["matched"] == [[2, 2231, 2278]] and cmp["missed"] == [[2, 2231, 6939]]
+    assert cmp["extra"] == [[5, 1, 1]] and cmp["agrees"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_input_is_one_clear_error(model, tok, tmp_path):
+    with pytest.raises(UserError, match="no linear module 'mlp.c_proj'"):
+        sw.detect(model, tok, module="mlp.c_proj")
+    with pytest.raises(UserError, match="tokenizes to nothing"):
+        sw.detect(model, tok, prompt="")
+    with pytest.raises(UserError, match="threshold must be > 1"):
+        sw.detect(model, tok, threshold=0.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a checkpoint"):
+        sw.cli_superweight(["detect", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "d.json")])
+    with pytest.raises(UserError, match="cannot read super weights"):
+        sw.load_detection(str(tmp_path / "missing.json"))
+    with pytest.raises(UserError, match="unknown superweight subcommand"):
+        sw.cli_superweight(["detekt"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI on saved checkpoints
+
+def test_cli_detect_on_a_saved_checkpoint(model, tok, tmp_path, capsys):
+    ckpt = tmp_path / "planted"
+    save(model, ckpt, tokenizer=tok)
+    out = tmp_path / "detect.json"
+    assert sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert [[s["layer"], s["row"], s["col"]] for s in res["super_weights"]] == [list(PLANTED)]
+    assert res["super_weights"][0]["value"] == pytest.approx(planted.SUPER)
+    assert res["dtype"] == "torch.float32" and res["known"] is None and res["qsparse"] is None
+    assert len(res["profile"]["layers"]) == 3 and "torch" in res["versions"]
+    printed = capsys.readouterr().out
+    assert f"<- super weight ({planted.ROW_J}, {planted.COL_K})" in printed and "max|input|" in printed
+    with pytest.raises(UserError, match="is not in known_super_weights.json"):
+        sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(out), "--known", "gpt-5"])
+    # --known compares with the listed coordinates (here, of course, they disagree)
+    sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(out), "--known", "llama-7b"])
+    assert json.loads(out.read_text())["known"]["missed"] == [[2, 3968, 7003]]
+
+
+def test_cli_ablate_writes_ablation_and_scale(model, tok, tmp_path):
+    ckpt, data = tmp_path / "planted", tmp_path / "data"
+    save(model, ckpt, tokenizer=tok)
+    planted.write_dataset(data, tok, tmp_path / "tok")
+    det = tmp_path / "detect.json"
+    sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(det)])
+    out = tmp_path / "ablate"
+    sw.cli_superweight(["ablate", "--model", str(ckpt), "--data", str(data), "--detect", str(det), "--out", str(out),
+                        "--val-tokens", "128", "--seq-len", "32", "--prompts", "8", "--scales", "0", "1", "2",
+                        "--n-others", "1", "50"])
+    abl = json.loads((out / "ablation.json").read_text())
+    names = [c["condition"] for c in abl["conditions"]]
+    assert names == ["original", "zero_super_weights", "zero_super_weights_restore_activation",
+                     "prune_1_other_weights", "prune_50_other_weights"]
+    orig = abl["conditions"][0]
+    assert orig["val"]["n_tokens"] == 128 and orig["n_prompts"] == 8
+    assert set(orig["stopword_prob"]) == {"the", ".", ","} and orig["stopword_ratio"]["the"] == 1.0
+    assert len(orig["top_tokens"]) == 10
+    assert abl["settings"]["same_tokenizer"] is True
+    assert abl["conditions"][1]["val"]["loss"] != orig["val"]["loss"]
+    scale = json.loads((out / "scale.json").read_text())
+    assert scale["factors"] == [0, 1, 2] and [p["factor"] for p in scale["points"]] == [0, 1, 2]
+    assert scale["points"][1]["val"]["loss"] == orig["val"]["loss"]  # factor 1 = the original
+    assert scale["points"][0]["val"]["loss"] == abl["conditions"][1]["val"]["loss"]  # factor 0 = zeroed
