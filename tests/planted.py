@@ -2,13 +2,14 @@
 
 - `tokenizer()`: a byte-level BPE trained on the paragraphs below (no dataset needed), `<|endoftext|>` = BOS.
 - `planted_model(tok)`: `model.build("d3", ...)` (3 layers, d_model 96, GLU 256, relu2) with, in layer
-  PLANT_LAYER, a circuit like the one found in real models:
-    * the BOS embedding points along residual channel C (every other token has 0 there), so in layer 1 the
-      normalized BOS hidden state is about sqrt(96) ~ 9.8 on channel C;
-    * gate/up row K read channel C (GATE_UP each): for BOS, relu(9.8 a)^2 * 9.8 a ~ 18 = the down_proj input
-      spike X[0, K]; for other tokens the cubic keeps it ~1000x smaller;
-    * down_proj W[J, K] = SUPER (20 sigma of the 0.02 init): Y[0, J] = X[0, K] W[J, K] ~ 7, about 250x the
-      typical residual entry, and it persists in the residual stream through the last layer.
+  PLANT_LAYER, a circuit like the one found in real models, in which the super weight is the only outlier:
+    * the BOS embedding is spread evenly over the 16 residual channels CHANNELS_C (every other token has 0
+      there), so in layer 1 the normalized BOS hidden state is about sqrt(96/16) ~ 2.45 on each of them;
+    * gate/up row K read those channels with GATE_UP each (~3.75 sigma of the 0.02 init: not outliers): for BOS
+      gate = up ~ 16 x 0.075 x 2.45 ~ 2.9 and relu(2.9)^2 x 2.9 ~ 18 is the down_proj input spike X[0, K];
+      for other tokens gate ~ N(0, 0.3^2) and the cubic keeps X[t, K] ~1000x smaller;
+    * down_proj W[J, K] = SUPER (20 sigma): Y[0, J] = X[0, K] W[J, K] ~ 7, about 250x the typical residual
+      entry, and it persists in the residual stream through the last layer.
   The LM head is scaled up (HEAD_SCALE) so the random model makes confident predictions that the residual
   stream (and thus the super activation) can change.
 - Options: `sibling=v` plants a second super weight W[ROW_J2, K] = v sharing the column (found in a second
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import torch
 
-PLANT_LAYER, ROW_J, COL_K, CHANNEL_C = 1, 17, 42, 5
+PLANT_LAYER, ROW_J, COL_K = 1, 17, 42
+CHANNELS_C = list(range(64, 80))
 ROW_J2, COL_ECHO = 60, 77
-GATE_UP = 0.3
+GATE_UP = 0.075
+ECHO_GATE_UP = 0.3  # the echo reads the one channel J (~9.8 after the norm): 9.8 x 0.3 = 16 x 2.45 x 0.075
 SUPER = 0.4
 HEAD_SCALE = 30.0
 
@@ -74,19 +77,19 @@ def planted_model(tok, seed: int = 0, super_value: float = SUPER, hidden_act: st
     bos = tok.bos_token_id
     with torch.no_grad():
         emb = model.model.embed_tokens.weight  # (V, D)
-        emb[:, CHANNEL_C] = 0.0
+        emb[:, CHANNELS_C] = 0.0
         emb[bos] = 0.0
-        emb[bos, CHANNEL_C] = 1.0
+        emb[bos, CHANNELS_C] = 0.25  # norm 1
         mlp = model.model.layers[PLANT_LAYER].mlp
-        mlp.gate_proj.weight[COL_K, CHANNEL_C] = GATE_UP
-        mlp.up_proj.weight[COL_K, CHANNEL_C] = GATE_UP
+        mlp.gate_proj.weight[COL_K, CHANNELS_C] = GATE_UP
+        mlp.up_proj.weight[COL_K, CHANNELS_C] = GATE_UP
         mlp.down_proj.weight[ROW_J, COL_K] = super_value
         if sibling is not None:
             mlp.down_proj.weight[ROW_J2, COL_K] = sibling
         if echo_layer is not None:  # the normalized BOS state is ~9.8 on channel J there: same circuit, sign flipped
             echo = model.model.layers[echo_layer].mlp
-            echo.gate_proj.weight[COL_ECHO, ROW_J] = GATE_UP
-            echo.up_proj.weight[COL_ECHO, ROW_J] = GATE_UP
+            echo.gate_proj.weight[COL_ECHO, ROW_J] = ECHO_GATE_UP
+            echo.up_proj.weight[COL_ECHO, ROW_J] = ECHO_GATE_UP
             echo.down_proj.weight[ROW_J, COL_ECHO] = -super_value
     return model
 

@@ -1,5 +1,10 @@
 """Sparse GEMV kernels and the sparse decode path (CPU; Triton tests run only where CUDA is present)."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,10 +52,21 @@ def test_sparse_gemv_equals_dense_of_masked_input(backend, dtype, shape, s):
 def test_numba_tilings_agree(tiles):
     """Column blocks (odd widths, empty blocks) and active-list slices all give the same product."""
     w, x = _case(53, 37, torch.float32, seed=1)
-    y, n = K.SparseWeight(w, "numba", tiles=tiles)(x, k=20)
     ref = _dense_masked(w, x, Q.topk_sparsify(x, 20) != 0)
-    assert n == 20
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    for threads in (1, 2):  # the serial kernel and the parallel one (numba's thread pool)
+        y, n = K.SparseWeight(w, "numba", threads=threads, tiles=tiles)(x, k=20)
+        assert n == 20
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parallel_kernel_default_tiles(dtype):
+    w, x = _case(301, 1500, dtype, seed=4)
+    sw = K.SparseWeight(w, "numba", threads=2)
+    assert K._tiles(1500, 2) == (2, 1) and K._tiles(700, 2) == (1, 2)
+    y, n = sw(x, k=150)
+    ref = _dense_masked(w, x, Q.topk_sparsify(x.float(), 150) != 0)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_selection_ties_match_qsparse():
@@ -267,3 +283,34 @@ def test_triton_generate_tokens_equal():
 def test_auto_picks_a_gpu_backend():
     w, _ = _case(16, 8, torch.float32)
     assert K.SparseWeight(w.cuda()).backend == ("triton" if K.HAVE_TRITON else "torch")
+
+
+# The Triton kernel through Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before the kernel is
+# defined, hence a subprocess): its indexing and masking are checked wherever triton is installed, GPU or not.
+_INTERPRET = r"""
+import types, torch, torch.nn.functional as F
+from sparsescale import kernels as K
+torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=3)
+for dtype in (torch.float32, torch.bfloat16):
+    for d_in, d_out in ((37, 53), (300, 1100)):
+        for s in (0.0, 0.5, 0.95):
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(d_out, d_in, generator=g).to(dtype)
+            x = torch.randn(d_in, generator=g).to(dtype)
+            sw = K.SparseWeight(w, "torch")
+            sw.backend = "triton"  # CPU tensors, interpreted
+            k = max(1, round((1 - s) * d_in))
+            for kw, mask in (({"k": k}, K.select_mask(x, k=k)), ({"threshold": 0.5}, x.abs() > 0.5)):
+                y, n = sw(x, **kw)
+                ref = F.linear(x.double() * mask, w.double())
+                assert int(n) == int(mask.sum()), (dtype, d_in, s, kw)
+                assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6, (dtype, d_in, s, kw)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install 'sparsescale[gpu]')")
+def test_triton_kernel_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import planted
@@ -159,3 +158,16 @@ def test_documents_and_streams_round_trip(tok):
     assert stream[0] == sep and (stream == sep).sum() == 2
     assert probes.documents_from_tokens(tok, stream, sep) == docs
     assert len(probes.encode_stream(tok, docs, 5)) == 5
+
+
+def test_eval_data_uses_stored_tokens_or_re_encodes_for_another_tokenizer(tok, tmp_path):
+    planted.write_dataset(tmp_path / "data", tok, tmp_path / "tok")
+    own = probes.eval_data(tok, tmp_path / "data", 64, n_calib=32)
+    assert own["same_tokenizer"] and len(own["val"]) > 64 and len(own["train"]) > 32
+    assert all(t.startswith("Part ") for t in own["val_texts"])
+    other_tok = planted.tokenizer(vocab_size=280)  # another vocabulary: the documents are decoded and re-encoded
+    other = probes.eval_data(other_tok, tmp_path / "data", 64, n_calib=32)
+    assert not other["same_tokenizer"] and len(other["val"]) == 65 and len(other["train"]) == 33
+    assert other["val_texts"] == own["val_texts"]
+    assert other_tok.decode(other["val"][1:20].tolist()) == other_tok.decode(
+        other_tok(own["val_texts"][0])["input_ids"][:19])

@@ -212,6 +212,8 @@ class TrainConfig:
             raise UserError(f"precision must be one of {PRECISIONS}: got {self.precision!r}")
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {MODES}: got {self.mode!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise UserError(f"distributed must be 'ddp' or 'fsdp': got {self.distributed!r}")
         if self.mode != "scratch" and not self.init_from:
             raise UserError(f"mode={self.mode!r} needs init_from=PATH (a checkpoint to start from)")
         for name in ("seq_len", "batch_size", "eval_tokens", "log_every"):

@@ -31,7 +31,7 @@ Features
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 
 import numpy as np
 import torch
@@ -55,6 +55,22 @@ try:  # numba is a dependency; guard anyway so that the torch backend works with
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
     HAVE_NUMBA = False
+
+
+
+def _prefer_workqueue() -> None:
+    """numba's OpenMP threading layer loads the system libgomp beside torch's own and resets torch's thread
+    count (torch.get_num_threads() jumps to the core count after the first parallel numba call, whatever
+    torch.set_num_threads said); its two spinning thread pools also fight for the cores. numba's own
+    "workqueue" layer has neither problem. Chosen unless the user named a layer or numba already started one."""
+    from numba.np.ufunc import parallel
+
+    if "NUMBA_THREADING_LAYER" not in os.environ and not parallel._is_initialized:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+if HAVE_NUMBA:
+    _prefer_workqueue()
 
 try:  # only on CUDA machines (pyproject extra "gpu")
     import triton
@@ -153,27 +169,45 @@ if HAVE_NUMBA:
                 acc[j] += x0 * _to_f32(w0[j])
             r += 1
 
-    @njit(parallel=True, cache=True, boundscheck=False)
-    def _sparse_gemv_numba(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
-        """y (d_out,) = W^T[active]^T x[active]; w: flat (D_in * d_out,) fp32 or uint16 (bf16 bits).
-        Tasks: n_col column blocks x n_split slices of the active list (partial sums added at the end)."""
-        n = _select(x, how, k, thr, idx)
+    @njit(cache=True, boundscheck=False)
+    def _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part):
+        """Task t of n_col column blocks x n_split slices of the active list: its partial sums into part."""
         colw = (d_out + n_col - 1) // n_col
         colw = (colw + 15) // 16 * 16  # 64-byte aligned column blocks
-        part = np.empty((n_split, d_out), np.float32)
-        for t in prange(n_col * n_split):
-            cb = t % n_col
-            kb = t // n_col
-            c0 = min(d_out, cb * colw)
-            c1 = min(d_out, c0 + colw)
-            acc = np.zeros(c1 - c0, np.float32)  # this task's slice of y stays in L1/L2
-            _accumulate(w, d_out, x, idx, kb * n // n_split, (kb + 1) * n // n_split, c0, c1, acc)
-            part[kb, c0:c1] = acc
-        for j in range(d_out):
+        cb = t % n_col
+        kb = t // n_col
+        c0 = min(d_out, cb * colw)
+        c1 = min(d_out, c0 + colw)
+        acc = np.zeros(c1 - c0, np.float32)  # this task's slice of y stays in L1/L2 while the rows stream
+        _accumulate(w, d_out, x, idx, kb * n // n_split, (kb + 1) * n // n_split, c0, c1, acc)
+        part[kb, c0:c1] = acc
+
+    @njit(cache=True, boundscheck=False)
+    def _reduce(part, y):
+        for j in range(y.shape[0]):
             s = np.float32(0.0)
-            for kb in range(n_split):
+            for kb in range(part.shape[0]):
                 s += part[kb, j]
             y[j] = s
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _sparse_gemv_parallel(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
+        """y (d_out,) = W^T[active]^T x[active]; w: flat (D_in * d_out,) fp32 or uint16 (bf16 bits); returns n."""
+        n = _select(x, how, k, thr, idx)
+        part = np.empty((n_split, d_out), np.float32)
+        for t in prange(n_col * n_split):
+            _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part)
+        _reduce(part, y)
+        return n
+
+    @njit(cache=True, boundscheck=False)
+    def _sparse_gemv_serial(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
+        """The same on the calling thread only: no thread pool to wake (see `threads` in SparseWeight)."""
+        n = _select(x, how, k, thr, idx)
+        part = np.empty((n_split, d_out), np.float32)
+        for t in range(n_col * n_split):
+            _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part)
+        _reduce(part, y)
         return n
 
     @njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
@@ -205,10 +239,11 @@ if HAVE_NUMBA:
         return n
 
 
-def _numba_threads() -> int:
-    """Use as many numba threads as torch does (the user's one knob), capped by NUMBA_NUM_THREADS."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+def _numba_threads(threads: int | None = None) -> int:
+    """Threads for a numba call: `threads`, or as many as torch uses (the user's one knob), capped by
+    NUMBA_NUM_THREADS."""
+    want = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if want > 1 and numba.get_num_threads() != want:
         numba.set_num_threads(want)
     return want
 
@@ -319,11 +354,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 class SparseWeight:
     """W^T (D_in, D_out), contiguous, plus the views each backend reads; call it on one token's input."""
 
-    def __init__(self, weight: torch.Tensor, backend: str = "auto", tiles: tuple[int, int] | None = None):
+    def __init__(self, weight: torch.Tensor, backend: str = "auto", threads: int | None = None,
+                 tiles: tuple[int, int] | None = None):
         # weight: (D_out, D_in) as in nn.Linear
         self.wt = weight.detach().t().contiguous()  # (D_in, D_out): the rows of one input are contiguous
         self.d_in, self.d_out = self.wt.shape
         self.backend = resolve_backend(backend, self.wt.device, self.wt.dtype)
+        # numba threads: None follows torch.get_num_threads(); 1 runs on the calling thread (no pool to wake)
+        self.threads = threads
         self.tiles = tiles  # (column blocks, active slices) for numba; None: from the thread count
         if self.backend == "numba":
             flat = self.wt.view(-1)
@@ -344,12 +382,13 @@ class SparseWeight:
             raise UserError(f"sparse GEMV expects one token of {self.d_in} inputs: got shape {tuple(x.shape)}")
         how = _TOPK if k is not None else _THRESHOLD if threshold is not None else _NONZERO
         if self.backend == "numba":
-            threads = _numba_threads()
+            threads = _numba_threads(self.threads)
             n_col, n_split = self.tiles or _tiles(self.d_out, threads)
+            kernel = _sparse_gemv_parallel if threads > 1 else _sparse_gemv_serial
             xf = x.float().contiguous().numpy()
             y = np.empty(self.d_out, np.float32)
-            n = _sparse_gemv_numba(self._flat, self.d_out, xf, how, int(k or 0), float(threshold or 0.0),
-                                   self._idx, y, n_col, n_split)
+            n = kernel(self._flat, self.d_out, xf, how, int(k or 0), float(threshold or 0.0), self._idx, y,
+                       n_col, n_split)
             return torch.from_numpy(y), int(n)
         mask = select_mask(x, k, threshold, presparsified)
         if self.backend == "triton":
@@ -369,7 +408,7 @@ def union_gemm(sw: SparseWeight, xs: torch.Tensor, n_col: int | None = None) -> 
         raise UserError(f"union_gemm needs a SparseWeight with the numba backend: got {sw.backend!r}")
     x2 = xs.detach().reshape(-1, sw.d_in).float().contiguous().numpy()
     y = np.empty((x2.shape[0], sw.d_out), np.float32)
-    n = _union_gemm_numba(sw._flat, sw.d_out, x2, sw._idx, y, n_col or _tiles(sw.d_out, _numba_threads())[0])
+    n = _union_gemm_numba(sw._flat, sw.d_out, x2, sw._idx, y, n_col or _tiles(sw.d_out, _numba_threads(sw.threads))[0])
     return torch.from_numpy(y), int(n)
 
 
@@ -387,7 +426,7 @@ def _effective_weight(m) -> torch.Tensor:
 class _Group:
     """Projections that read one input (q/k/v, or gate/up, or a single projection): one fused W^T, one call."""
 
-    def __init__(self, members, mode, threshold, backend, decode):
+    def __init__(self, members, mode, threshold, backend, threads, decode):
         self.members = members
         lead = members[0]
         self.settings, self.k, self.mode, self.threshold, self.decode = lead.settings, lead.k, mode, threshold, decode
@@ -395,7 +434,7 @@ class _Group:
         # the exact Q-Sparse transform is needed unless the input is plain top-K of the raw activations
         self.plain = s.block is None and s.act_bits is None and not s.rescale
         w = torch.cat([_effective_weight(m) for m in members], dim=0)  # (sum D_out, D_in)
-        self.sw = SparseWeight(w, backend)
+        self.sw = SparseWeight(w, backend, threads)
         bounds = np.cumsum([0] + [m.out_features for m in members])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         biases = [m.bias for m in members]
@@ -527,12 +566,13 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor) -> dict[str,
 
 
 def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "auto",
-                         thresholds: dict[str, float] | None = None) -> SparseDecode:
+                         thresholds: dict[str, float] | None = None, threads: int | None = None) -> SparseDecode:
     """Switch every QSparseLinear of a converted model to the sparse GEMV for single-token calls.
 
     mode="topk": exact top-K, outputs equal the normal forward within fp32 rounding.
     mode="threshold": |x| > calibrated threshold (`calibrate_thresholds`), an approximation.
     Extra memory: one W^T copy of every converted weight (`.extra_bytes` of the returned handle).
+    threads (numba): None follows torch.get_num_threads(); 1 keeps the GEMV on the calling thread.
     """
     from sparsescale.qsparse import qsparse_linears
 
@@ -555,7 +595,7 @@ def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "a
                 raise UserError(f"mode='threshold' supports plain top-K models only: {lead_name} has {lead.settings}; "
                                 "use mode='topk'")
         group = _Group([m for _, m in members], mode, thresholds[lead_name] if mode == "threshold" else None,
-                       backend, decode)
+                       backend, threads, decode)
         decode.groups.append(group)
         for slot, (_, m) in enumerate(members):
             m._sparse_group = (group, slot)

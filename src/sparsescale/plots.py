@@ -10,7 +10,8 @@ Notable features:
 - deterministic bytes where matplotlib allows: no pyplot state, no random jitter, PNG without the Software
   tag, PDF without CreationDate; each file written atomically (`sparsescale.io.atomic_path`);
 - `FIGURES` is the registry the CLI walks; later figures (super-weight spike profile, inference speedup)
-  plug in the same way (`plot_spike_profile`, `plot_speedup` take their own input files).
+  plug in the same way (`plot_spike_profile`, `plot_speedup` take their own input files); the figures across
+  super-weight models live in `superweight_report.py` and draw their spike panels with `spike_panel`.
 
 CLI: `sparsescale figures --runs results/tables/runs.csv --curves results/tables/curves.csv
 --fit-dir results/fit --out results/figures` writes `{name}.png` and `{name}.pdf` per figure.
@@ -485,25 +486,38 @@ def _loso_panel(ax, fit: dict, scolors: dict) -> None:
 # Extension figures (later issues): super-weight spike profile, inference speedup
 
 
+def spike_panel(ax, det: dict, title: str | None = None) -> None:
+    """One spike profile on `ax`: a bare {"layers": [...]} or a detect JSON (its super weights' layers shaded)."""
+    profile = det.get("profile", det)
+    layers = sorted(profile.get("layers") or [], key=lambda d: d["layer"])
+    if title:
+        ax.set_title(title, fontsize="medium")
+    if not layers:
+        _no_data(ax, "no layers in the spike profile")
+        return
+    x = [d["layer"] for d in layers]
+    ax.plot(x, [d["max_abs_input"] for d in layers], color=CB[0], marker="o", ms=3.5, label="down_proj input")
+    ax.plot(x, [d["max_abs_output"] for d in layers], color=CB[3], marker="s", ms=3.5, label="down_proj output")
+    for key, color in (("echoes", "0.75"), ("super_weights", CB[2])):
+        for layer in sorted({s["layer"] for s in det.get(key) or []}):
+            ax.axvspan(layer - 0.3, layer + 0.3, color=color, alpha=0.3, lw=0, zorder=1)
+    if "super_weights" in det:  # a detect JSON: say what was found, "none found" included
+        coords = [f"({s['layer']}, {s['row']}, {s['col']})" for s in det["super_weights"]]
+        _corner(ax, "super weights: " + (", ".join(coords[:3]) + (" …" if len(coords) > 3 else "") if coords else "none found"),
+                "upper right")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |activation|")
+
+
 def plot_spike_profile(profile: dict) -> Figure:
     """Per layer, max |down_proj input| and max |output| (log y): super activations show as spikes."""
-    layers = sorted(profile.get("layers") or [], key=lambda d: d["layer"])
     with theme():
         fig, axes = _figure(1, 1, (5.6, 3.0))
-        ax = axes[0, 0]
-        if not layers:
-            _no_data(ax, "no layers in the spike profile")
-            return fig
-        x = [d["layer"] for d in layers]
-        ax.plot(x, [d["max_abs_input"] for d in layers], color=CB[0], marker="o", ms=3.5, label="down_proj input")
-        ax.plot(x, [d["max_abs_output"] for d in layers], color=CB[3], marker="s", ms=3.5, label="down_proj output")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
-        ax.set_ylabel("max |activation|")
-        if profile.get("model"):
-            ax.set_title(str(profile["model"]))
-        ax.legend(fontsize="small")
+        spike_panel(axes[0, 0], profile, str(profile["model"]) if profile.get("model") else None)
+        if axes[0, 0].get_lines():
+            axes[0, 0].legend(fontsize="small")
     return fig
 
 

@@ -11,7 +11,8 @@ Features
   in the returned stats (`n_short_blocks`; `n_whole_tensor` counts tensors no larger than one block, which
   then get per-tensor quantization); `partial="refuse"` raises instead. Never another granularity silently.
 - z-score clipping per block at `z std(|W|) + mean(|W|)` (population std) before quantization; `keep`
-  coordinates (the super weights) are written back in full precision after dequantization.
+  coordinates (the super weights) are written back in full precision after dequantization. z = None means
+  no clipping; the default grid includes it, so tuning can never pick a clip worse than none on calibration.
 - `quantized(model, ...)`: every nn.Linear inside the decoder layers quantized/dequantized in place (not the
   embeddings, norms or LM head), restored on exit. z of the super-weight-aware method is picked from a grid
   for the minimum reconstruction error (mean squared error of the logits against the unquantized model) on a
@@ -40,7 +41,7 @@ from sparsescale.errors import UserError
 
 GRANULARITIES = ("tensor", "channel")
 DEFAULT_BLOCKS = ("64", "256", "1024", "4096", "16384")
-DEFAULT_Z_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+DEFAULT_Z_GRID = (None, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # None: no clipping (z = infinity)
 METHODS = ("rtn", "clip", "sw_aware")  # plain; z-clip only; z-clip + super weights restored (the paper's)
 
 
@@ -280,6 +281,18 @@ def sweep(model: nn.Module, eval_tokens, calib_tokens, super_weights=(), bits=(3
                          "evaluation": "validation split, first n_eval tokens", "act_bits": act_bits}}
 
 
+def _z_value(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        z = float(text)
+    except ValueError:
+        z = float("nan")
+    if not (z > 0 and math.isfinite(z)):
+        raise UserError(f"--z-grid values must be positive numbers or 'none': got {text!r}")
+    return z
+
+
 def cli_quantize(argv: list[str]) -> int:
     """`sparsescale superweight quantize`: the sweep on a checkpoint, written to one JSON file."""
     from sparsescale import superweight as sw
@@ -293,23 +306,23 @@ def cli_quantize(argv: list[str]) -> int:
     p.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS),
                    help="block sizes in elements, or channel / tensor (default %(default)s)")
     p.add_argument("--methods", nargs="+", default=["rtn", "sw_aware"], choices=METHODS)
-    p.add_argument("--z-grid", type=float, nargs="+", default=list(DEFAULT_Z_GRID), help="clipping z candidates")
+    p.add_argument("--z-grid", nargs="+", default=["none" if z is None else str(z) for z in DEFAULT_Z_GRID],
+                   help="clipping z candidates; 'none' = no clipping (default %(default)s)")
     p.add_argument("--partial", choices=("short", "refuse"), default="short",
                    help="a block size that does not divide a weight: short last block (default) or refuse")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens from the train split")
     p.add_argument("--act-bits", type=int, default=8, help="activation bits of the W8A8 points (0: skip them)")
     p.add_argument("--act-granularity", nargs="+", default=["tensor", "token"], choices=("tensor", "token"))
     a = p.parse_args(argv)
+    z_grid = [_z_value(z) for z in a.z_grid]
     [check_bits(b) for b in a.bits]
     [check_block(b) for b in a.blocks]
     if a.act_bits:
         check_bits(a.act_bits)
-    if not a.z_grid or any(not (z > 0 and math.isfinite(z)) for z in a.z_grid):
-        raise UserError(f"--z-grid needs positive finite values: got {a.z_grid}")
     sws = sw.load_detection(a.detect)
     model, tok = sw.load_model_and_tokenizer(a)
     data = probes.eval_data(tok, a.data, a.val_tokens, a.calib_tokens)
-    res = sweep(model, data["val"], data["train"], sws, a.bits, a.blocks, a.z_grid, a.methods, a.seq_len or
+    res = sweep(model, data["val"], data["train"], sws, a.bits, a.blocks, z_grid, a.methods, a.seq_len or
                 sw.default_seq_len(model), a.val_tokens, a.calib_tokens, a.batch_size, a.act_bits or None,
                 a.act_granularity, a.partial, a.module)
     write_json(a.out, {"model": a.model, "detect": a.detect, "super_weights": [vars(s) for s in sws], **res,

@@ -34,6 +34,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from scipy.optimize import minimize, minimize_scalar  # at import: threadpoolctl limits only loaded BLAS libraries
 
 from sparsescale.errors import UserError
 
@@ -112,7 +113,8 @@ def _dense_design(z):
 
 def _one_blas_thread(fn):
     """Run `fn` with single-threaded BLAS: on tiny problems OpenBLAS threads only spin, and on a shared
-    machine that made L-BFGS-B ~20x slower (threadpoolctl; without it the call runs unchanged)."""
+    machine that made L-BFGS-B ~20x slower (threadpoolctl; without it the call runs unchanged). Only
+    libraries loaded before the call are limited: hence scipy.optimize is imported at module level."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -151,13 +153,18 @@ def _objective_many(P, F, log_y, delta=DELTA):
 
 
 def _minimise(F, log_y, starts, bounds, delta=DELTA, maxiter=2000):
-    """L-BFGS-B from every start; -> (best p, best objective, n converged near the best, all results)."""
-    from scipy.optimize import minimize
+    """L-BFGS-B from every start; -> (best p, its objective, n starts converged to it, best's message).
 
+    A start counts as converged when L-BFGS-B declares convergence within 1e-6 (relative) of the best.
+    """
     opts = dict(_LBFGS, maxiter=maxiter)
-    results = [minimize(_objective, p0, args=(F, log_y, delta), jac=True, method="L-BFGS-B", bounds=bounds, options=opts) for p0 in starts]
+    results = [
+        minimize(_objective, p0, args=(F, log_y, delta), jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
+        for p0 in starts
+    ]
     best = min(results, key=lambda r: r.fun)
-    return best.x, float(best.fun), results
+    n_conv = sum(r.success and r.fun <= best.fun * (1 + 1e-6) + 1e-15 for r in results)
+    return best.x, float(best.fun), n_conv, best.message
 
 
 def _screen(grid, F, log_y, k, delta=DELTA):
@@ -179,7 +186,9 @@ def validate_runs(runs, what: str = "runs"):
         runs = pd.DataFrame(runs)
     absent = [c for c in REQUIRED if c not in runs.columns]
     if absent:
-        raise UserError(f"{what} lacks column(s) {', '.join(absent)}: a runs table needs {', '.join(REQUIRED)} (e.g. from `sparsescale aggregate`)")
+        raise UserError(
+            f"{what} lacks column(s) {', '.join(absent)}: a runs table needs {', '.join(REQUIRED)} (e.g. from `sparsescale aggregate`)"
+        )
     runs = runs.copy()
     for col in REQUIRED:
         try:
@@ -189,15 +198,15 @@ def validate_runs(runs, what: str = "runs"):
     for col in ("n_params", "sparsity"):
         bad = runs[col].isna() | ~np.isfinite(runs[col])
         if bad.any():
-            raise UserError(f"{what}: column {col} has {int(bad.sum())} NaN/missing value(s) (row {int(np.flatnonzero(bad.to_numpy())[0])}): fill them in or drop those runs")
+            raise UserError(
+                f"{what}: column {col} has {int(bad.sum())} NaN/missing value(s) (row {int(np.flatnonzero(bad.to_numpy())[0])}): fill them in or drop those runs"
+            )
     if (runs["n_params"] <= 0).any():
         raise UserError(f"{what}: n_params must be > 0: got {runs['n_params'].min():g}")
     bad_s = runs["sparsity"][(runs["sparsity"] < 0) | (runs["sparsity"] >= 1)]
     if len(bad_s):
         raise UserError(f"sparsity must be in [0, 1): got {bad_s.iloc[0]:g} ({what})")
     failed = runs["val_loss"].isna() | np.isinf(runs["val_loss"])  # failed or diverged runs
-    if "precision" in runs.columns and runs["precision"].isna().any():
-        raise UserError(f"{what}: column precision has missing values: set each run's precision to fp or 1.58")
     keep = [c for c in ("run_id", "precision", "n_params", "sparsity", "seed", "val_loss") if c in runs.columns]
     missing = runs.loc[failed, keep].astype(object).where(runs.loc[failed, keep].notna(), None).to_dict("records")
     runs = runs[~failed]
@@ -233,7 +242,25 @@ def _init_grid(log_y):
 
 
 def _to_params(p, log_n_ref) -> dict:
-    return {"E": float(np.exp(p[0])), "B": float(np.exp(p[1] + p[3] * log_n_ref)), "C": float(np.exp(p[2] + p[3] * log_n_ref)), "alpha": float(p[3]), "beta": float(p[4])}
+    return {
+        "E": float(np.exp(p[0])),
+        "B": float(np.exp(p[1] + p[3] * log_n_ref)),
+        "C": float(np.exp(p[2] + p[3] * log_n_ref)),
+        "alpha": float(p[3]),
+        "beta": float(p[4]),
+    }
+
+
+def _to_internal(params, log_n_ref, bounds):
+    with np.errstate(divide="ignore"):  # B = 0 -> log B = -inf, clipped to the bound
+        p = [
+            np.log(params["E"]),
+            np.log(params["B"]) - params["alpha"] * log_n_ref,
+            np.log(params["C"]) - params["alpha"] * log_n_ref,
+            params["alpha"],
+            params["beta"],
+        ]
+    return np.clip(p, *np.array(bounds).T)
 
 
 def _arrays(runs, form, log_n_ref):
@@ -243,10 +270,20 @@ def _arrays(runs, form, log_n_ref):
 
 
 @_one_blas_thread
-def fit_law(runs, form: str = "paper", *, n_starts: int | None = None, delta: float = DELTA, maxiter: int = 2000, log_n_ref: float | None = None) -> dict:
+def fit_law(
+    runs,
+    form: str = "paper",
+    *,
+    n_starts: int | None = None,
+    warm: dict | None = None,
+    delta: float = DELTA,
+    maxiter: int = 2000,
+    log_n_ref: float | None = None,
+) -> dict:
     """Fit L(N, S) to finished runs (columns n_params, sparsity, val_loss) by multi-start L-BFGS-B.
 
-    n_starts: keep only the n best grid points by starting objective (None: the whole grid, 432 starts).
+    n_starts: keep only the n best grid points by starting objective (None: the whole grid, 432 starts);
+    warm: constants (E, B, C, alpha, beta) to start from as well, e.g. another form's fit.
     Returns params (E, B, C, alpha, beta in the units of n_params), objective, n_starts, n_converged
     (starts that L-BFGS-B declared converged within 1e-6 of the best objective), converged, on_bound,
     warnings, and the internal vector `p` with its `log_n_ref` (for warm starts).
@@ -259,20 +296,34 @@ def fit_law(runs, form: str = "paper", *, n_starts: int | None = None, delta: fl
     F, log_y = _arrays(runs, form, log_n_ref)
     bounds = _bounds(log_y)
     starts = _screen(_init_grid(log_y), F, log_y, n_starts, delta)
-    p, fun, results = _minimise(F, log_y, starts, bounds, delta, maxiter)
-    near = [r for r in results if r.success and r.fun <= fun + 1e-6 * abs(fun) + 1e-15]
+    if warm is not None:
+        starts = np.vstack([_to_internal(warm, log_n_ref, bounds), starts])
+    p, fun, n_conv, message = _minimise(F, log_y, starts, bounds, delta, maxiter)
     params = _to_params(p, log_n_ref)
     on_bound = [name for name, v, (lo, hi) in zip(PARAM_NAMES, p, bounds) if min(v - lo, hi - v) <= 1e-6 * (hi - lo)]
     warnings = []
-    if not near:
-        best = min(results, key=lambda r: r.fun)
-        warnings.append(f"{form} fit did not converge: no L-BFGS-B start declared convergence at the best objective {fun:.3g} ({best.message}); do not trust these constants")
+    if not n_conv:
+        warnings.append(
+            f"{form} fit did not converge: no L-BFGS-B start declared convergence at the best objective {fun:.3g} ({message}); do not trust these constants"
+        )
     for name in on_bound:
-        warnings.append(f"{name} = {params[name]:.3g} sits on a bound of the fit: the data do not constrain it; its interval is unreliable")
+        warnings.append(
+            f"{name} = {params[name]:.3g} sits on a bound of the fit: the data do not constrain it; its interval is unreliable"
+        )
     if runs["n_params"].nunique() < 3:
         warnings.append("only 2 model sizes: alpha and E are weakly determined; add a third size")
-    return {"form": form, "params": params, "objective": fun, "n_starts": len(starts), "n_converged": len(near), "converged": bool(near),
-            "on_bound": on_bound, "warnings": warnings, "p": p, "log_n_ref": log_n_ref}
+    return {
+        "form": form,
+        "params": params,
+        "objective": fun,
+        "n_starts": len(starts),
+        "n_converged": n_conv,
+        "converged": n_conv > 0,
+        "on_bound": on_bound,
+        "warnings": warnings,
+        "p": p,
+        "log_n_ref": log_n_ref,
+    }
 
 
 @_one_blas_thread
@@ -288,15 +339,18 @@ def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
         log_n_ref = float(log_n.mean())
         F, log_y = _dense_design(log_n - log_n_ref), np.log(grp["val_loss"].to_numpy(float))
         lo, hi = float(np.exp(log_y.min())), float(log_y.max())
-        starts = np.array([[np.log(e * lo), np.log(a * lo), al] for e, a, al in itertools.product([0.3, 0.6, 0.9], [0.05, 0.3, 1.0], [0.05, 0.1, 0.2, 0.4, 0.8])])
-        q, fun, _ = _minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
-        rows.append({"sparsity": float(s), "E": float(np.exp(q[0])), "A": float(np.exp(q[1] + q[2] * log_n_ref)), "alpha": float(q[2])})
+        starts = np.array(
+            [
+                [np.log(e * lo), np.log(a * lo), al]
+                for e, a, al in itertools.product([0.3, 0.6, 0.9], [0.05, 0.3, 1.0], [0.05, 0.1, 0.2, 0.4, 0.8])
+            ]
+        )
+        q, fun, _, _ = _minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
+        rows.append(
+            {"sparsity": float(s), "E": float(np.exp(q[0])), "A": float(np.exp(q[1] + q[2] * log_n_ref)), "alpha": float(q[2])}
+        )
         objective, k = objective + fun, k + 3
     return {"fits": rows, "objective": objective, "n_params_fitted": k, "skipped_sparsities": skipped}
-
-
-def _dense_predict(row, n):
-    return row["E"] + row["A"] / np.asarray(n, dtype=float) ** row["alpha"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,7 +370,9 @@ def _check_params(params: dict) -> dict:
     """Constants as floats; E is optional (S* does not depend on it)."""
     absent = [k for k in PARAM_NAMES[1:] if params.get(k) is None]
     if absent:
-        raise UserError(f"law constants lack {', '.join(absent)}: give all of {', '.join(PARAM_NAMES[1:])} (and E to predict a loss)")
+        raise UserError(
+            f"law constants lack {', '.join(absent)}: give all of {', '.join(PARAM_NAMES[1:])} (and E to predict a loss)"
+        )
     params = {k: float(params[k]) for k in PARAM_NAMES if params.get(k) is not None}
     for k in ("B", "C", "alpha"):
         if not params[k] >= 0 or not np.isfinite(params[k]):
@@ -332,8 +388,6 @@ def optimal_sparsity(params: dict, form: str = "paper") -> dict:
     A dense grid (finer towards S = 1) brackets the global minimum, then a bounded Brent search refines it
     to 1e-10. If the cost still falls at S = 1 - 1e-9 there is no finite optimum: s_star = 1, interior False.
     """
-    from scipy.optimize import minimize_scalar
-
     _check_form(form)
     params = _check_params(params)
     cost = _log_cost(params, _S_GRID, form)
@@ -343,13 +397,21 @@ def optimal_sparsity(params: dict, form: str = "paper") -> dict:
         s_star, note = 1.0, "A(S)(1-S)^alpha decreases all the way to S = 1: no finite optimum (beta <= 0 or C = 0?)"
     else:
         lo, hi = _S_GRID[max(i - 1, 0)], _S_GRID[i + 1]
-        res = minimize_scalar(lambda s: float(_log_cost(params, s, form)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+        res = minimize_scalar(
+            lambda s: float(_log_cost(params, s, form)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10}
+        )
         s_star = float(res.x) if res.fun < cost[i] else float(_S_GRID[i])
         if i == 0 and _log_cost(params, 0.0, form) <= _log_cost(params, s_star, form):
             s_star, note = 0.0, "the cost rises from S = 0: dense is inference-optimal"
     factor = float(np.exp(_log_cost(params, s_star, form))) if s_star < 1 else 0.0
-    return {"s_star": s_star, "n_over_na": 1.0 / (1.0 - s_star) if s_star < 1 else float("inf"), "inference_cost_factor": factor,
-            "inference_cost_factor_dense": float(np.exp(_log_cost(params, 0.0, form))), "interior": 0.0 < s_star < 1.0, "note": note}
+    return {
+        "s_star": s_star,
+        "n_over_na": 1.0 / (1.0 - s_star) if s_star < 1 else float("inf"),
+        "inference_cost_factor": factor,
+        "inference_cost_factor_dense": float(np.exp(_log_cost(params, 0.0, form))),
+        "interior": 0.0 < s_star < 1.0,
+        "note": note,
+    }
 
 
 def best_config_for_budget(params: dict, n_active: float, form: str = "paper") -> dict:
@@ -361,9 +423,14 @@ def best_config_for_budget(params: dict, n_active: float, form: str = "paper") -
         raise UserError(f"n_active must be > 0: got {n_active!r}")
     opt = optimal_sparsity(params, form)
     s = opt["s_star"]
-    return {"n_active": float(n_active), "sparsity": s, "n_params": n_active * opt["n_over_na"],
-            "predicted_loss": params["E"] + opt["inference_cost_factor"] / n_active ** params["alpha"],
-            "dense_loss": float(law(params, n_active, 0.0, form)), "note": opt["note"]}
+    return {
+        "n_active": float(n_active),
+        "sparsity": s,
+        "n_params": n_active * opt["n_over_na"],
+        "predicted_loss": params["E"] + opt["inference_cost_factor"] / n_active ** params["alpha"],
+        "dense_loss": float(law(params, n_active, 0.0, form)),
+        "note": opt["note"],
+    }
 
 
 def paper_constants_check(form: str = "paper") -> dict:
@@ -371,13 +438,23 @@ def paper_constants_check(form: str = "paper") -> dict:
     opt = optimal_sparsity(PAPER_CONSTANTS, form)
     # Each printed constant is exact to +-0.005; S* is monotone in each of B, C, alpha, beta, so the
     # extremes over the rounding box sit at its 16 corners (E does not enter S*).
-    corners = [optimal_sparsity(dict(PAPER_CONSTANTS, B=0.01 + b, C=1.89 + c, alpha=0.10 + a, beta=0.05 + bb), form)["s_star"]
-               for b, c, a, bb in itertools.product((-0.005, 0.005), repeat=4)]
+    corners = [
+        optimal_sparsity(dict(PAPER_CONSTANTS, B=0.01 + b, C=1.89 + c, alpha=0.10 + a, beta=0.05 + bb), form)["s_star"]
+        for b, c, a, bb in itertools.product((-0.005, 0.005), repeat=4)
+    ]
     lo, hi = min(corners), max(corners)
-    return {"params": dict(PAPER_CONSTANTS), "form": form, "s_star": opt["s_star"], "n_over_na": opt["n_over_na"],
-            "paper_stated_s_star": PAPER_S_STAR["fp"], "rounding_range": [lo, hi],
-            "note": (f"The printed constants give S* = {opt['s_star']:.1%}, not the stated {PAPER_S_STAR['fp']:.2%}: they are rounded to "
-                     f"two decimals and S* ~ 1 - beta/alpha is sensitive to that rounding; any S* in {lo:.1%}-{hi:.1%} is consistent with them.")}
+    return {
+        "params": dict(PAPER_CONSTANTS),
+        "form": form,
+        "s_star": opt["s_star"],
+        "n_over_na": opt["n_over_na"],
+        "paper_stated_s_star": PAPER_S_STAR["fp"],
+        "rounding_range": [lo, hi],
+        "note": (
+            f"The printed constants give S* = {opt['s_star']:.1%}, not the stated {PAPER_S_STAR['fp']:.2%}: they are rounded to "
+            f"two decimals and S* ~ 1 - beta/alpha is sensitive to that rounding; any S* in {lo:.1%}-{hi:.1%} is consistent with them."
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,10 +477,9 @@ def _bootstrap_chunk(args):
         F = F_all.reshape(3, len(n), 5)[:, idx].reshape(-1, 5)
         log_y = log_y_all[idx]
         starts = np.vstack([warm[None], _screen(grid, F, log_y, k_grid)])
-        p, fun, results = _minimise(F, log_y, starts, bounds)
-        ok = any(r.success and r.fun <= fun + 1e-6 * abs(fun) + 1e-15 for r in results)
+        p, _, n_conv, _ = _minimise(F, log_y, starts, bounds)
         params = _to_params(p, log_n_ref)
-        rows.append([float(ok)] + [params[k] for k in PARAM_NAMES] + [optimal_sparsity(params, form)["s_star"]])
+        rows.append([float(n_conv > 0)] + [params[k] for k in PARAM_NAMES] + [optimal_sparsity(params, form)["s_star"]])
     return rows
 
 
@@ -415,7 +491,9 @@ def _jobs(jobs: int | None) -> int:
     return jobs
 
 
-def bootstrap(runs, fit: dict, n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL, k_grid: int = 1) -> dict:
+def bootstrap(
+    runs, fit: dict, n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL, k_grid: int = 1
+) -> dict:
     """Percentile intervals from refits of runs resampled with replacement.
 
     The resample indices come from one seeded generator in this process, so the result is the same for
@@ -442,10 +520,18 @@ def bootstrap(runs, fit: dict, n_boot: int = 1000, seed: int = 0, jobs: int | No
     ci = {}
     for j, name in enumerate(list(PARAM_NAMES) + ["s_star"], start=1):
         ci[name] = [float(v) for v in np.percentile(samples[ok, j], q)] if ok.any() else [None, None]
-    return {"samples": samples, "ci": {k: ci[k] for k in PARAM_NAMES}, "s_star_ci": ci["s_star"], "n": n_boot, "n_ok": int(ok.sum()), "seed": seed, "level": level}
+    return {
+        "samples": samples,
+        "ci": {k: ci[k] for k in PARAM_NAMES},
+        "s_star_ci": ci["s_star"],
+        "n": n_boot,
+        "n_ok": int(ok.sum()),
+        "seed": seed,
+        "level": level,
+    }
 
 
-def leave_one_size_out(runs, form: str = "paper", n_starts: int | None = 64) -> dict | None:
+def leave_one_size_out(runs, form: str = "paper", n_starts: int | None = 32) -> dict | None:
     """Fit without the largest N and predict it; None when fewer than 3 sizes leave too little to fit."""
     runs, _ = validate_runs(runs)
     largest = runs["n_params"].max()
@@ -453,15 +539,13 @@ def leave_one_size_out(runs, form: str = "paper", n_starts: int | None = 64) -> 
     if train["n_params"].nunique() < MIN_SIZES or train["sparsity"].nunique() < MIN_SPARSITIES:
         return None
     fit = fit_law(train, form, n_starts=n_starts)
-    pred = law(fit["params"], test["n_params"], test["sparsity"], form)
-    return _loso_points(largest, test, pred)
-
-
-def _loso_points(largest, test, pred) -> dict:
+    pred = law(fit["params"], test["n_params"].to_numpy(float), test["sparsity"].to_numpy(float), form)
     obs = test["val_loss"].to_numpy(float)
-    rel = (np.asarray(pred) - obs) / obs
-    points = [{"n_params": float(n), "sparsity": float(s), "observed": float(o), "predicted": float(p), "rel_error": float(r)}
-              for n, s, o, p, r in zip(test["n_params"], test["sparsity"], obs, pred, rel)]
+    rel = (pred - obs) / obs
+    points = [
+        {"n_params": float(n), "sparsity": float(s), "observed": float(o), "predicted": float(p), "rel_error": float(r)}
+        for n, s, o, p, r in zip(test["n_params"], test["sparsity"], obs, pred, rel)
+    ]
     return {"held_out_n_params": float(largest), "points": points, "mean_abs_rel_error": float(np.abs(rel).mean())}
 
 
@@ -472,7 +556,8 @@ def _dense_loso(runs) -> float | None:
     errs = []
     for row in dense:
         test = runs[(runs["n_params"] == largest) & (runs["sparsity"] == row["sparsity"])]
-        errs += list(np.abs(_dense_predict(row, test["n_params"]) - test["val_loss"]) / test["val_loss"])
+        pred = row["E"] + row["A"] / test["n_params"] ** row["alpha"]
+        errs += list(np.abs(pred - test["val_loss"]) / test["val_loss"])
     return float(np.mean(errs)) if errs else None
 
 
@@ -486,8 +571,17 @@ def _aic(objective: float, n: int, k: int) -> float:
 
 
 @_one_blas_thread
-def fit_report(runs, form: str = "paper", n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL,
-               n_starts: int | None = None, precision: str | None = None, compare: bool = True) -> dict:
+def fit_report(
+    runs,
+    form: str = "paper",
+    n_boot: int = 1000,
+    seed: int = 0,
+    jobs: int | None = None,
+    level: float = LEVEL,
+    n_starts: int | None = None,
+    precision: str | None = None,
+    compare: bool = True,
+) -> dict:
     """Everything `fit_{precision}.json` holds for one precision's runs (failed runs listed, not fitted)."""
     from sparsescale.io import versions
 
@@ -505,30 +599,56 @@ def fit_report(runs, form: str = "paper", n_boot: int = 1000, seed: int = 0, job
     if opt["note"]:
         warnings.append(opt["note"])
     s_ci = boot["s_star_ci"]
-    loso = leave_one_size_out(runs, form)
+    n_few = min(n_starts or 32, 32)  # held-out and other-form fits: the best 32 grid starts are plenty
+    loso = leave_one_size_out(runs, form, n_few)
     dense = fit_dense_per_s(runs)
     comparison = {}
     if compare:
         for other in FORMS:
-            f_other = fit if other == form else fit_law(runs, other, n_starts=n_starts)
-            l_other = loso if other == form else leave_one_size_out(runs, other)
-            comparison[other] = {"objective": f_other["objective"], "aic": _aic(f_other["objective"], len(runs), len(PARAM_NAMES)),
-                                 "loso_mean_abs_rel_error": l_other["mean_abs_rel_error"] if l_other else None}
-        comparison["dense_per_s"] = {"objective": dense["objective"], "aic": _aic(dense["objective"], len(runs), dense["n_params_fitted"]) if dense["fits"] else None,
-                                     "loso_mean_abs_rel_error": _dense_loso(runs)}
+            # paper and card are one family (C_card = C_paper e^beta): start the other form from this fit
+            sign = 1.0 if other == "card" else -1.0
+            warm = dict(fit["params"], C=fit["params"]["C"] * np.exp(sign * fit["params"]["beta"]))
+            f_other = fit if other == form else fit_law(runs, other, n_starts=n_few, warm=warm)
+            l_other = loso if other == form else leave_one_size_out(runs, other, n_few)
+            comparison[other] = {
+                "objective": f_other["objective"],
+                "aic": _aic(f_other["objective"], len(runs), len(PARAM_NAMES)),
+                "loso_mean_abs_rel_error": l_other["mean_abs_rel_error"] if l_other else None,
+            }
+        comparison["dense_per_s"] = {
+            "objective": dense["objective"],
+            "aic": _aic(dense["objective"], len(runs), dense["n_params_fitted"]) if dense["fits"] else None,
+            "loso_mean_abs_rel_error": _dense_loso(runs),
+        }
     if dense["skipped_sparsities"]:
         warnings.append(f"dense baseline skipped sparsities {dense['skipped_sparsities']} (fewer than 3 sizes each)")
     sizes = sorted(runs["n_params"].unique().tolist())
     return {
-        "precision": precision, "form": form, "params": fit["params"], "ci": boot["ci"],
-        "s_star": opt["s_star"], "s_star_ci": s_ci,
-        "n_over_na": opt["n_over_na"], "n_over_na_ci": [1.0 / (1.0 - v) if v is not None and v < 1 else None for v in s_ci],
+        "precision": precision,
+        "form": form,
+        "params": fit["params"],
+        "ci": boot["ci"],
+        "s_star": opt["s_star"],
+        "s_star_ci": s_ci,
+        "n_over_na": opt["n_over_na"],
+        "n_over_na_ci": [1.0 / (1.0 - v) if v is not None and v < 1 else None for v in s_ci],
         "inference_cost_factor": opt["inference_cost_factor"],
-        "objective": fit["objective"], "n_starts": fit["n_starts"], "n_converged": fit["n_converged"], "converged": fit["converged"],
-        "on_bound": fit["on_bound"], "warnings": warnings, "n_runs": len(runs), "n_sizes": len(sizes), "sizes": sizes,
+        "objective": fit["objective"],
+        "n_starts": fit["n_starts"],
+        "n_converged": fit["n_converged"],
+        "converged": fit["converged"],
+        "on_bound": fit["on_bound"],
+        "warnings": warnings,
+        "n_runs": len(runs),
+        "n_sizes": len(sizes),
+        "sizes": sizes,
         "sparsities": sorted(runs["sparsity"].unique().tolist()),
         "bootstrap": {"n": boot["n"], "n_ok": boot["n_ok"], "seed": seed, "level": level},
-        "loso": loso, "comparison": comparison, "dense_baseline": dense["fits"], "missing": missing, "versions": versions(),
+        "loso": loso,
+        "comparison": comparison,
+        "dense_baseline": dense["fits"],
+        "missing": missing,
+        "versions": versions(),
     }
 
 
@@ -539,8 +659,16 @@ def _precisions(runs):
     return runs.assign(precision=[p if isinstance(p, str) or p != p else f"{p:g}" for p in runs["precision"]]), []
 
 
-def fit_all(runs, form: str = "paper", n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL,
-            precision: str | None = None, n_starts: int | None = None) -> dict:
+def fit_all(
+    runs,
+    form: str = "paper",
+    n_boot: int = 1000,
+    seed: int = 0,
+    jobs: int | None = None,
+    level: float = LEVEL,
+    precision: str | None = None,
+    n_starts: int | None = None,
+) -> dict:
     """fit_report for each precision in the table (or just `precision`); -> {precision: report}."""
     import pandas as pd
 
@@ -572,13 +700,22 @@ def optimal_sparsity_summary(reports: dict, form: str = "paper") -> dict:
             separate = bool(a_hi < b_lo or b_hi < a_lo)
             level = reports["fp"]["bootstrap"]["level"]
             desc = f"fp {per['fp']['s_star']:.3f} [{a_lo:.3f}, {a_hi:.3f}] vs 1.58 {per['1.58']['s_star']:.3f} [{b_lo:.3f}, {b_hi:.3f}]"
-            statement = (f"the {level:.0%} intervals of S* separate ({desc})" if separate
-                         else f"the {level:.0%} intervals of S* overlap ({desc}): the data do not distinguish the two")
+            statement = (
+                f"the {level:.0%} intervals of S* separate ({desc})"
+                if separate
+                else f"the {level:.0%} intervals of S* overlap ({desc}): the data do not distinguish the two"
+            )
         else:
             statement = "an S* interval is missing (no bootstrap refit converged): cannot compare"
-    return {"form": form, "precisions": per, "separate": separate, "statement": statement,
-            "paper_constants": paper_constants_check(form) if form == "paper" else paper_constants_check("paper"),
-            "paper_stated_s_star": dict(PAPER_S_STAR), "versions": versions()}
+    return {
+        "form": form,
+        "precisions": per,
+        "separate": separate,
+        "statement": statement,
+        "paper_constants": paper_constants_check(form) if form == "paper" else paper_constants_check("paper"),
+        "paper_stated_s_star": dict(PAPER_S_STAR),
+        "versions": versions(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,8 +727,13 @@ def cli_fit(argv: list[str]) -> int:
 
     from sparsescale.io import write_json
 
-    ap = argparse.ArgumentParser(prog="sparsescale fit", description="Fit L(N,S) per precision with bootstrap intervals; write fit_{precision}.json and optimal_sparsity.json.")
-    ap.add_argument("runs", help="runs table (CSV) with columns n_params, sparsity, val_loss, precision (fp/1.58), optionally seed")
+    ap = argparse.ArgumentParser(
+        prog="sparsescale fit",
+        description="Fit L(N,S) per precision with bootstrap intervals; write fit_{precision}.json and optimal_sparsity.json.",
+    )
+    ap.add_argument(
+        "runs", help="runs table (CSV) with columns n_params, sparsity, val_loss, precision (fp/1.58), optionally seed"
+    )
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--form", default="paper", choices=FORMS, help="A(S) form (default: paper)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
@@ -612,8 +754,10 @@ def cli_fit(argv: list[str]) -> int:
             print(f"warning [{p}]: {w}", file=sys.stderr)
         write_json(os.path.join(args.out, f"fit_{p}.json"), rep)
         ci = rep["s_star_ci"]
-        print(f"{p}: S* = {rep['s_star']:.4f} [{ci[0]}, {ci[1]}], N/N_a = {rep['n_over_na']:.3f}, "
-              f"{rep['n_runs']} runs, {rep['bootstrap']['n_ok']}/{rep['bootstrap']['n']} bootstrap refits converged")
+        print(
+            f"{p}: S* = {rep['s_star']:.4f} [{ci[0]}, {ci[1]}], N/N_a = {rep['n_over_na']:.3f}, "
+            f"{rep['n_runs']} runs, {rep['bootstrap']['n_ok']}/{rep['bootstrap']['n']} bootstrap refits converged"
+        )
     summary = optimal_sparsity_summary(reports, args.form)
     write_json(os.path.join(args.out, "optimal_sparsity.json"), summary)
     print(summary["statement"])
@@ -623,11 +767,20 @@ def cli_fit(argv: list[str]) -> int:
 def cli_optimal_sparsity(argv: list[str]) -> int:
     from sparsescale.io import dumps_json
 
-    ap = argparse.ArgumentParser(prog="sparsescale optimal-sparsity", description="S* = argmin_S A(S)(1-S)^alpha and N/N_a for given law constants.")
+    ap = argparse.ArgumentParser(
+        prog="sparsescale optimal-sparsity", description="S* = argmin_S A(S)(1-S)^alpha and N/N_a for given law constants."
+    )
     for name in PARAM_NAMES:
-        ap.add_argument(f"--{name}", type=float, required=name != "E", help=f"law constant {name}" + (" (only needed with --n-active)" if name == "E" else ""))
+        ap.add_argument(
+            f"--{name}",
+            type=float,
+            required=name != "E",
+            help=f"law constant {name}" + (" (only needed with --n-active)" if name == "E" else ""),
+        )
     ap.add_argument("--form", default="paper", choices=FORMS)
-    ap.add_argument("--n-active", type=float, default=None, help="also give the best (N, S) and loss for this activated-parameter budget")
+    ap.add_argument(
+        "--n-active", type=float, default=None, help="also give the best (N, S) and loss for this activated-parameter budget"
+    )
     args = ap.parse_args(argv)
     params = {k: getattr(args, k) for k in PARAM_NAMES}
     out = {"form": args.form, "params": params, **optimal_sparsity(params, args.form)}

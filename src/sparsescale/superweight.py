@@ -34,7 +34,8 @@ Features
   kept: the paper's "7,000 outliers" control).
 - Known coordinates of REFERENCE.md section 2 ship in `known_super_weights.json`; a detection on a listed model
   (matched by `_name_or_path` or --known) records matched / missed / extra coordinates.
-- CLI: `sparsescale superweight detect|ablate|quantize` (quantize lives in `sparsescale.quantize`).
+- CLI: `sparsescale superweight detect|ablate|quantize|summarize|report` (quantize lives in `sparsescale.quantize`,
+  summarize and report, across models, in `superweight_summary` / `superweight_report`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -374,7 +374,8 @@ def largest_other_weights(model: nn.Module, sws: list[SuperWeight], n: int, scop
                  for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
     else:
         raise UserError(f"scope must be 'down_proj' or 'all': got {scope!r}")
-    skip = {(id(ffn_out_modules(model, module)[s.layer]), s.row, s.col) for s in sws}
+    ffn = ffn_out_modules(model, module)
+    skip = {(id(ffn[s.layer]), s.row, s.col) for s in sws}
     cands = []
     for name, m in named:
         w = m.weight.detach()
@@ -600,7 +601,8 @@ SUBCOMMANDS = {"detect": _cli_detect, "ablate": _cli_ablate}
 
 
 def cli_superweight(argv: list[str]) -> int:
-    usage = "usage: sparsescale superweight {detect,ablate,quantize} [ARGS...]  (--help after one for its options)"
+    usage = ("usage: sparsescale superweight {detect,ablate,quantize,summarize,report} [ARGS...]  "
+             "(--help after one for its options)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -608,6 +610,14 @@ def cli_superweight(argv: list[str]) -> int:
         from sparsescale.quantize import cli_quantize
 
         return cli_quantize(argv[1:])
+    if argv[0] == "summarize":  # across models
+        from sparsescale.superweight_summary import cli_summarize
+
+        return cli_summarize(argv[1:])
+    if argv[0] == "report":
+        from sparsescale.superweight_report import cli_report
+
+        return cli_report(argv[1:])
     if argv[0] not in SUBCOMMANDS:
-        raise UserError(f"unknown superweight subcommand {argv[0]!r}: choose detect, ablate or quantize")
+        raise UserError(f"unknown superweight subcommand {argv[0]!r}: choose detect, ablate, quantize, summarize or report")
     return SUBCOMMANDS[argv[0]](argv[1:])

@@ -14,7 +14,10 @@ Features
 - A NaN/inf loss stops the run with a clear message (exit 3) and leaves no final.json.
 - Output in results/runs/{run_id}/: config.json, metrics.jsonl, final.json (written last: it marks the run
   complete), model/ (HF checkpoint, safetensors).
-- Data-parallel (DDP) or fully sharded (FSDP) when launched with torchrun (see `distributed.py`).
+- Several processes with the same code path: `sparsescale train --nproc-per-node N [--nnodes M]` relaunches
+  through torchrun (srun + torchrun across SLURM nodes); DDP or FSDP (`distributed.py`); the global batch stays
+  batch_size x seq_len tokens whatever the number of processes; checkpoints hold full state dicts, so a run
+  resumes on any number of processes; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -75,17 +78,31 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: int, device: str) -> float:
-    """Validation loss (nats/token) over the fixed first `n_tokens` tokens of the validation split."""
+def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: int, device: str, ctx=None) -> float:
+    """Validation loss (nats/token) over the fixed first `n_tokens` tokens of the validation split.
+
+    With several processes (`ctx`) rank r evaluates batches r, r+W, ... and the sums are all-reduced; every
+    rank runs the same number of forwards (FSDP's are collective), the last round padded with a repeat."""
+    from sparsescale.distributed import Context, sum_over_ranks
+
+    ctx = ctx or Context()
     was = model.training
     model.eval()
-    total, count = 0.0, 0
-    for x, y in D.val_batches(val_tokens, n_tokens, seq_len, batch_size):
+    total, count, mine, first = 0.0, 0, 0, None
+    for i, (x, y) in enumerate(D.val_batches(val_tokens, n_tokens, seq_len, batch_size)):
+        first = first or (x, y)
+        if i % ctx.world_size != ctx.rank:
+            continue
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             loss = lm_loss(model, x, y)
         total += float(loss) * y.numel()
         count += y.numel()
+        mine += 1
+    for _ in range(mine, math.ceil((i + 1) / ctx.world_size)):  # padding forwards, results unused
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            lm_loss(model, first[0].to(device), first[1].to(device))
+    total, count = sum_over_ranks([total, count], ctx)
     model.train(was)
     return total / count
 
@@ -111,12 +128,13 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def save_checkpoint(out: Path, step: int, model, opt, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model_sd: dict, opt_sd: dict, keep: int) -> Path:
+    """Full (unsharded) state dicts, as one process writes them: any number of processes can resume."""
     d = _ckpt_dir(out)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{step:08d}.pt"
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+        torch.save({"step": step, "model": model_sd, "optimizer": opt_sd}, tmp)
     with atomic_path(path.with_suffix(".pt.sha256")) as tmp:
         tmp.write_text(sha256_file(path) + "\n")
     for old in sorted(d.glob("step_*.pt"))[:-keep]:
@@ -153,7 +171,7 @@ def train(cfg: TrainConfig) -> dict:
     from sparsescale import distributed as dist
 
     cfg.validate()
-    ctx = dist.init()  # rank / world size from torchrun's environment; single process otherwise
+    ctx = dist.init(cfg.device)  # rank / world size from torchrun's environment; single process otherwise
     device = pick_device(cfg.device) if ctx.world_size == 1 else ctx.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -174,7 +192,8 @@ def train(cfg: TrainConfig) -> dict:
     steps = budget // tokens_per_step
     eval_every = cfg.eval_every or max(1, steps // 10)
     ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
-    micro = cfg.micro_batch_size or cfg.batch_size
+    micro = cfg.micro_batch_size or cfg.batch_size  # per process; accumulation keeps the global batch at batch_size
+    dist.check_batch(cfg.batch_size, ctx.world_size)
     if (cfg.batch_size // ctx.world_size) % micro and micro != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} / {ctx.world_size} processes is not a multiple of micro_batch_size={micro}")
 
@@ -183,23 +202,25 @@ def train(cfg: TrainConfig) -> dict:
     if model.config.vocab_size != vocab_size and cfg.mode == "scratch":
         raise UserError(f"tokenizer vocab {vocab_size} does not fit model vocab {model.config.vocab_size}")
     model.train()
-    opt = make_optimizer(model, cfg)
 
-    start = 0
+    start, state = 0, None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"run_id": cfg.run_id, **dataclasses.asdict(cfg), "versions": versions()})
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        # every rank reads the full checkpoint; mmap shares one copy in the page cache between a node's ranks
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         start = state["step"]
         if ctx.is_main:
             print(f"resuming {cfg.run_id} from {ckpt.name} (step {start}/{steps})", file=sys.stderr)
             _truncate_metrics(out / "metrics.jsonl", start)
-    step_model = dist.wrap(model, ctx, cfg)  # DDP / FSDP wrapper or the model itself
-    if cfg.compile and device == "cuda":
+    step_model = dist.wrap(model, ctx, cfg)  # DDP wrapper, `model` sharded in place (FSDP) or `model` itself
+    opt = make_optimizer(model, cfg)  # after wrapping: FSDP replaces the parameters by their shards
+    if state is not None:
+        dist.load_optimizer_state(model, opt, state["optimizer"])
+    if cfg.compile and device.startswith("cuda"):
         step_model = torch.compile(step_model)
 
     from tqdm.auto import tqdm
@@ -222,13 +243,13 @@ def train(cfg: TrainConfig) -> dict:
                 x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 with dist.no_sync_unless_last(step_model, i == n_micro - 1), \
-                        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                     loss = lm_loss(step_model, x, y)
                     if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
                         loss = loss * float("nan")
                 (loss / n_micro).backward()
                 loss_sum += float(loss.detach()) / n_micro
-            loss_val = dist.mean_over_ranks(loss_sum, ctx)
+            loss_val = dist.mean_over_ranks(loss_sum, ctx)  # the same on every rank: all stop together on NaN
             if not math.isfinite(loss_val):
                 raise TrainingDiverged(f"run {cfg.run_id}: training loss is {loss_val} at step {step} (lr {lr:.3g}); "
                                        "lower the learning rate or raise warm-up; no final.json was written")
@@ -244,7 +265,7 @@ def train(cfg: TrainConfig) -> dict:
             if done % eval_every == 0 or done == steps:
                 rec = rec or {"step": done, "tokens": done * tokens_per_step, "train_loss": loss_val, "lr": lr}
                 rec["val_loss"] = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len,
-                                                micro, device)
+                                                micro, device, ctx)
             if rec is not None and ctx.is_main:
                 elapsed = time.perf_counter() - t0
                 rec["tokens_per_s"] = tok_seen / elapsed if elapsed > 0 else None
@@ -252,9 +273,9 @@ def train(cfg: TrainConfig) -> dict:
                 metrics_f.flush()
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
             if (done % ckpt_every == 0 or done == steps) and done < steps:
-                dist.barrier(ctx)
+                model_sd, opt_sd = dist.full_state_dicts(model, opt, ctx)  # every rank: FSDP gathers shards
                 if ctx.is_main:
-                    save_checkpoint(out, done, model, opt, cfg.keep_checkpoints)
+                    save_checkpoint(out, done, model_sd, opt_sd, cfg.keep_checkpoints)
             bar.update(1)
     finally:
         bar.close()
@@ -263,9 +284,9 @@ def train(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - t0 + wall_before
 
     # final evaluation: validation loss on the fixed set and measured sparsity on the first validation batch
-    val_loss = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len, micro, device)
+    val_loss = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len, micro, device, ctx)
     x_val, _ = next(D.val_batches(val_tokens, cfg.seq_len * min(micro, 4), cfg.seq_len, min(micro, 4)))
-    measured = Q.measured_sparsity(model, x_val.to(device))
+    measured = Q.measured_sparsity(model, x_val.to(device))  # on every rank: FSDP's forward is collective
     final = {
         "run_id": cfg.run_id, "size": cfg.size, "mode": cfg.mode,
         "n_params": counts["n_params"], "n_params_total": counts["n_params_total"], "n_active": counts["n_active"],
@@ -280,6 +301,11 @@ def train(cfg: TrainConfig) -> dict:
     }
     if not math.isfinite(val_loss):
         raise TrainingDiverged(f"run {cfg.run_id}: validation loss is {val_loss}; no final.json was written")
+    if dist.is_sharded(model):  # FSDP: gather the shards into a plain model on rank 0, which saves it
+        weights, _ = dist.full_state_dicts(model, None, ctx)
+        model = build_model(cfg, vocab_size, token_ids) if ctx.is_main else None
+        if model is not None:
+            model.load_state_dict(weights)
     if ctx.is_main:
         tok = D.load_tokenizer(cfg.data) if (Path(cfg.data) / "tokenizer.json").exists() else None
         M.save(model, out / "model", tokenizer=tok)
@@ -336,10 +362,32 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def cli_train(argv: list[str]) -> int:
-    a = config_parser("sparsescale train").parse_args(argv)
+    from sparsescale import distributed as dist
+
+    p = config_parser("sparsescale train")
+    launch = p.add_argument_group("processes (torchrun; srun + torchrun on several SLURM nodes)")
+    launch.add_argument("--nproc-per-node", type=int, default=1,
+                        help="processes per node, one per GPU (default 1); > 1 relaunches through torchrun")
+    launch.add_argument("--nnodes", type=int, default=1,
+                        help="nodes (default 1); > 1 needs a SLURM allocation of that many nodes")
+    a = p.parse_args(argv)
+    nproc, nnodes = vars(a).pop("nproc_per_node"), vars(a).pop("nnodes")
     cfg = config_from_args(a)
     if os.environ.get("SPARSESCALE_PRINT_RUN_ID"):
         print(cfg.run_id)
         return 0
-    train(cfg)
+    if nproc * nnodes > 1 and not dist.under_torchrun():
+        cfg.validate()  # bad input fails once, here, rather than once per process
+        dist.check_batch(cfg.batch_size, nproc * nnodes)
+        dist.relaunch(nproc, nnodes, argv)  # replaces this process: the workers run this function again
+    failed = Path(cfg.out_dir) / "failed.json"
+    failed.unlink(missing_ok=True)
+    try:
+        (dist.record(train) if dist.under_torchrun() else train)(cfg)
+    except TrainingDiverged as err:
+        # a marker for the workflow: the sweep goes on without this run and the fit lists it as missing
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank diverges together; one writes
+            write_json(failed, {"run_id": cfg.run_id, "status": "diverged", "error": str(err), "size": cfg.size,
+                                "mode": cfg.mode, "sparsity": cfg.sparsity, "precision": cfg.precision, "seed": cfg.seed})
+        raise
     return 0

@@ -1,0 +1,88 @@
+"""`sparsescale aggregate`: collect every run's final.json (+ eval.json, metrics.jsonl) into two tables.
+
+- results/tables/runs.csv: one row per run with every scalar field of final.json (nested fields as JSON text),
+  plus `eval_val_loss` from eval.json when present, and a `status` column: "ok", or "diverged"/"missing" for
+  runs that were asked for but did not finish (their val_loss is empty; the fit skips and lists them).
+- results/tables/curves.csv: the training curves (step, tokens, train_loss, val_loss) of every finished run.
+Rows are sorted, floats written at full precision, so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from sparsescale.errors import UserError
+from sparsescale.io import atomic_path, read_json
+
+KEY_COLUMNS = ["run_id", "size", "mode", "n_params", "n_params_total", "n_active", "sparsity", "sparsity_measured",
+               "sparsity_measured_qkv", "sparsity_measured_o", "sparsity_measured_gate_up", "sparsity_measured_down",
+               "precision", "seed", "tokens", "val_loss", "status"]
+CURVE_KEYS = ["run_id", "size", "n_params", "sparsity", "precision", "seed", "mode"]
+
+
+def _row(run_dir: Path) -> dict:
+    final = read_json(run_dir / "final.json")
+    row = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in final.items()}
+    row["status"] = "ok"
+    ev = run_dir / "eval.json"
+    if ev.exists():
+        e = read_json(ev)
+        row["eval_val_loss"] = e.get("val_loss")
+    return row
+
+
+def _missing_row(run_dir: Path) -> dict:
+    failed = run_dir / "failed.json"
+    info = read_json(failed) if failed.exists() else {}
+    return {"run_id": run_dir.name, "status": info.get("status", "missing"), "error": info.get("error", ""),
+            **{k: info.get(k) for k in ("size", "mode", "n_params", "sparsity", "precision", "seed")}}
+
+
+def aggregate(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, curves = [], []
+    for d in run_dirs:
+        if (d / "final.json").exists():
+            row = _row(d)
+            rows.append(row)
+            mpath = d / "metrics.jsonl"
+            if mpath.exists():
+                for line in mpath.read_text().splitlines():
+                    if line.strip():
+                        m = json.loads(line)
+                        curves.append({**{k: row.get(k) for k in CURVE_KEYS}, "step": m["step"], "tokens": m["tokens"],
+                                       "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss")})
+        else:
+            rows.append(_missing_row(d))
+    if not rows:
+        raise UserError("no runs to aggregate: pass run directories (results/runs/{run_id}) that hold final.json")
+    runs = pd.DataFrame(rows)
+    cols = [c for c in KEY_COLUMNS if c in runs.columns] + sorted(c for c in runs.columns if c not in KEY_COLUMNS)
+    runs = runs[cols].sort_values("run_id", kind="stable").reset_index(drop=True)
+    curves_df = pd.DataFrame(curves, columns=CURVE_KEYS + ["step", "tokens", "train_loss", "val_loss"])
+    curves_df = curves_df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
+    return runs, curves_df
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.10g")
+
+
+def cli_aggregate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsescale aggregate", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (results/runs/{run_id}) or their final.json files")
+    p.add_argument("--out", default="results/tables", help="directory for runs.csv and curves.csv")
+    a = p.parse_args(argv)
+    dirs = sorted({(Path(r).parent if Path(r).name.endswith(".json") else Path(r)) for r in a.runs})
+    runs, curves = aggregate(dirs)
+    out = Path(a.out)
+    _write_csv(runs, out / "runs.csv")
+    _write_csv(curves, out / "curves.csv")
+    bad = runs[runs["status"] != "ok"]
+    print(f"aggregated {len(runs) - len(bad)} finished runs into {out / 'runs.csv'}"
+          + (f"; not finished: {', '.join(bad['run_id'])}" if len(bad) else ""))
+    return 0

@@ -1,0 +1,129 @@
+"""`sparsescale bench decode`: batch-1 decode tokens/s through HF `generate` (greedy, KV cache), side by side:
+
+    dense        the unconverted model (plain matmuls): the baseline
+    topk_dense   the Q-Sparse model at S, normal forward (top-K, then a dense matmul): what training runs
+    sparse       the same model with `kernels.enable_sparse_decode` (exact top-K + sparse GEMV)
+    threshold    (--threshold) calibrated magnitude thresholds instead of top-K: an approximation
+
+Decode time per token = (t(generate N new tokens) - t(generate 1)) / (N - 1), so the prefill is excluded;
+all variants are timed interleaved in one run (medians). Random weights: speed does not depend on them.
+The LM head and embeddings stay dense (Q-Sparse does not sparsify them), which caps the end-to-end gain
+below 1/(1-S); the `dense_share_head` column says how much of the weight bytes they are.
+Goal (issue 7): >= 1.6x at S = 0.5 on CPU for the 300M flavor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+import torch
+
+from sparsescale.bench.gemv import DTYPES, _write_csv, machine
+from sparsescale.bench.timing import interleaved_median_ms
+from sparsescale.config import check_sparsity
+from sparsescale.io import versions, write_json
+
+COLUMNS = ("sparsity", "dense_tok_s", "sparse_tok_s", "speedup", "topk_dense_tok_s", "topk_dense_speedup",
+           "threshold_tok_s", "threshold_speedup", "threshold_sparsity_measured", "sparse_sparsity_measured",
+           "tokens_equal", "size", "dtype", "threads", "kernel_threads", "new_tokens", "vocab_size", "dense_share_head",
+           "extra_bytes")
+
+
+def _generate(model, ids, n):
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                  pad_token_id=0)
+    return run
+
+
+def bench_decode(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsescale bench decode", description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="300M", help="model size from the size table (default 300M)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed call (>= 2)")
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threshold", action="store_true", help="also time calibrated-threshold mode (an approximation)")
+    p.add_argument("--backend", default="auto", help="kernels backend: auto, numba, torch, triton")
+    p.add_argument("--threads", type=int, help="torch threads for every variant (default: torch's current)")
+    p.add_argument("--kernel-threads", type=int, help="numba threads of the sparse GEMV (default: = torch's)")
+    p.add_argument("--quick", action="store_true", help="size d12, 8 new tokens, 2 repeats: a short run")
+    p.add_argument("--out", help="write the rows here (CSV); machine and versions go to the same name + .json")
+    a = p.parse_args(argv)
+
+    from sparsescale import kernels as K, model as M, qsparse as Q
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    size, n_new, repeats = ("d12", 8, 2) if a.quick else (a.size, max(2, a.new_tokens), a.repeats)
+    sparsities = [check_sparsity(s, "--sparsity") for s in a.sparsity]
+    dtype = DTYPES[a.dtype]
+    info = machine()
+    print(f"cpu: {info['cpu_model']} ({info['cpu_count']} cores), torch threads {info['torch_threads']}, kernel threads "
+          f"{a.kernel_threads or info['torch_threads']}, load average {info['loadavg'][0]:.1f} (shared machine)")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.vocab_size, (1, a.prompt_len), generator=g)
+    dense = M.build(size, a.vocab_size, seed=0).to(dtype).eval()
+    counts = M.param_counts(dense)
+    head_share = 1.0 - counts["n_params"] / counts["n_params_total"]
+    print(f"size {size}: N = {counts['n_params']:,} non-embedding parameters, {a.dtype}; embeddings + LM head "
+          f"{head_share:.1%} of the weights (dense in every variant); {n_new} new tokens per call, batch 1")
+    rows = []
+    for s in sparsities:
+        sparse = Q.convert(copy.deepcopy(dense), s)
+        decode = K.enable_sparse_decode(sparse, backend=a.backend, threads=a.kernel_threads)
+        fns = {}
+        variants = {"dense": (dense, None), "topk_dense": (sparse, decode.paused), "sparse": (sparse, None)}
+        if a.threshold:
+            thr_model = Q.convert(copy.deepcopy(dense), s)
+            calib = torch.randint(0, a.vocab_size, (4, 64), generator=g)
+            thr = K.enable_sparse_decode(thr_model, "threshold", a.backend, K.calibrate_thresholds(thr_model, calib),
+                                         threads=a.kernel_threads)
+            variants["threshold"] = (thr_model, None)
+        for name, (model, ctx) in variants.items():
+            for n in (1, n_new):
+                run = _generate(model, ids, n)
+                if ctx is not None:
+                    run = (lambda r=run, c=ctx: _in(c, r))
+                fns[(name, n)] = run
+        outs = {name: fns[(name, n_new)]() for name in variants}  # also the warm-up / compile
+        ms = interleaved_median_ms(fns, repeats=repeats, warmup=1)
+        tok_s = {name: (n_new - 1) / max(1e-9, (ms[(name, n_new)] - ms[(name, 1)]) / 1e3) for name in variants}
+        decode_stats = decode.stats()
+        row = {"sparsity": s, "dense_tok_s": tok_s["dense"], "sparse_tok_s": tok_s["sparse"],
+               "speedup": tok_s["sparse"] / tok_s["dense"], "topk_dense_tok_s": tok_s["topk_dense"],
+               "topk_dense_speedup": tok_s["topk_dense"] / tok_s["dense"],
+               "threshold_tok_s": tok_s.get("threshold", float("nan")),
+               "threshold_speedup": tok_s.get("threshold", float("nan")) / tok_s["dense"],
+               "threshold_sparsity_measured": thr.stats()["sparsity_measured"] if a.threshold else float("nan"),
+               "sparse_sparsity_measured": decode_stats["sparsity_measured"],
+               "tokens_equal": bool(torch.equal(outs["sparse"], outs["topk_dense"])),
+               "size": size, "dtype": a.dtype, "threads": torch.get_num_threads(),
+               "kernel_threads": a.kernel_threads or torch.get_num_threads(), "new_tokens": n_new,
+               "vocab_size": a.vocab_size, "dense_share_head": head_share, "extra_bytes": decode.extra_bytes}
+        rows.append(row)
+        print(f"S={s:.2f}  dense {tok_s['dense']:.2f} tok/s | top-K + dense matmul {tok_s['topk_dense']:.2f} tok/s "
+              f"({row['topk_dense_speedup']:.2f}x) | sparse GEMV ({decode.backend}) {tok_s['sparse']:.2f} tok/s "
+              f"({row['speedup']:.2f}x)" + (f" | threshold {row['threshold_tok_s']:.2f} tok/s "
+                                            f"({row['threshold_speedup']:.2f}x, measured S "
+                                            f"{row['threshold_sparsity_measured']:.2f})" if a.threshold else ""))
+        print(f"        tokens equal (sparse vs top-K dense): {row['tokens_equal']}; W^T copies "
+              f"{decode.extra_bytes / 2**20:.0f} MiB extra memory")
+        del sparse, decode, fns, variants
+    if a.out:
+        _write_csv(a.out, rows, COLUMNS)
+        write_json(f"{os.path.splitext(a.out)[0]}.json", {
+            "benchmark": "decode", "backend": a.backend, "repeats": repeats, "prompt_len": a.prompt_len,
+            "machine": info, "loadavg_end": os.getloadavg(), "rows": rows, "versions": versions()})
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _in(ctx, run):
+    with ctx():
+        return run()

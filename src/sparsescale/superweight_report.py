@@ -1,0 +1,388 @@
+"""Super-weight figures and tables across the analysed models, made only from their result files
+(`results/superweight/{model}/{detect,ablation,scale,quantize}.json` and `summary.csv`).
+
+Features
+- Figures (`SUPERWEIGHT_FIGURES`, the theme and writer of `plots.py`, PNG + PDF, deterministic bytes):
+  `sw_spike_profile` (one panel per model, super-weight layers shaded: the paper's Fig. 3), `sw_ablation`
+  (perplexity and last-word accuracy per ablation condition: the paper's Table 1 as bars), `sw_scale` (metric vs
+  the super-weight scaling factor 0..3), `sw_quantize` (perplexity vs block size, plain RTN vs super-weight aware,
+  per bit width: the paper's Fig. 7 in miniature). One colour per model; a model without a super weight says so
+  in its label or panel instead of vanishing.
+- Tables (`SUPERWEIGHT_TABLES`, Markdown / LaTeX / CSV through `tables.py`): `superweight_summary` (who has super
+  weights; its CSV is the summary itself), `superweight_ablation` (the paper's Tables 1-2 layout: perplexity,
+  last-word accuracy, stopword probabilities with their ratio to the original, the top next token of
+  "Summer is hot. Winter is"), `superweight_quantize` (models x bits x method by block size) and
+  `superweight_w8a8` (naive vs super-activation aware activation quantization: the paper's Table 3 layout).
+- `load_report_inputs(dirs)`: {kind: {model: JSON}}; a missing file is named on stdout and that model left out
+  of the figure or table that needs it (never silently).
+- CLI: `sparsescale superweight report --summary summary.csv --dirs A B ... [--figures DIR] [--tables DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from sparsescale.errors import UserError
+from sparsescale.plots import (
+    CB, _figure, _legend, _no_data, _percent_axis, save_figure, sequential_colors, spike_panel, theme,
+)
+from sparsescale.superweight_summary import read_summary
+from sparsescale.tables import MISSING, PRECISION_LABEL, Table, finite, fmt_n, fmt_num, fmt_pct, write_table
+
+KINDS = ("detect", "ablation", "scale", "quantize")
+# The command that writes each file, for the messages naming a missing one.
+MAKER = {"detect": "sparsescale superweight detect", "ablation": "sparsescale superweight ablate",
+         "scale": "sparsescale superweight ablate", "quantize": "sparsescale superweight quantize"}
+
+
+def load_report_inputs(dirs: list[str | Path], log=print) -> dict[str, dict[str, dict]]:
+    """{kind: {model name (folder name): JSON}} from each folder's detect/ablation/scale/quantize.json."""
+    out: dict[str, dict[str, dict]] = {k: {} for k in KINDS}
+    for d in map(Path, dirs):
+        for kind in KINDS:
+            path = d / f"{kind}.json"
+            if not path.is_file():
+                log(f"no {path} (made by `{MAKER[kind]}`): {d.name} is left out of the {kind} figure/table")
+                continue
+            try:
+                out[kind][d.name] = json.loads(path.read_text())
+            except ValueError as err:
+                raise UserError(f"cannot read {path} ({err}): rerun `{MAKER[kind]}`") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures: one colour per model (or one panel per model)
+
+SW_CONDITION_LABEL = {"original": "original", "zero_super_weights": "super\nweights\nzeroed",
+                      "zero_super_weights_restore_activation": "zeroed,\nsuper act.\nrestored"}
+SW_METHOD_STYLE = {"rtn": ("-", "o", "plain RTN"), "clip": (":", "^", "z-clip only"),
+                   "sw_aware": ("--", "s", "super-weight aware")}
+
+
+def _panels(n: int, size=(3.3, 2.6), max_cols: int = 3, legend_w: float = 1.8):
+    """A grid of n panels (max_cols wide) with room on the right for a shared legend; unused cells hidden."""
+    ncols = min(max(n, 1), max_cols)
+    nrows = -(-max(n, 1) // ncols)
+    fig, axes = _figure(nrows, ncols, (size[0] * ncols + legend_w, size[1] * nrows))
+    flat = list(axes.flat)
+    for ax in flat[max(n, 1):]:
+        ax.set_visible(False)
+    return fig, flat[: max(n, 1)]
+
+
+def _model_colors(names) -> dict:
+    return {name: CB[i % len(CB)] for i, name in enumerate(names)}
+
+
+def _no_sw(res: dict) -> bool:
+    return not res.get("super_weights")
+
+
+def plot_spike_profiles(detects: dict[str, dict]) -> Figure:
+    """The spike profile of every model (one panel each), super-weight layers shaded (the paper's Fig. 3)."""
+    with theme():
+        fig, axes = _panels(len(detects))
+        if not detects:
+            _no_data(axes[0], "no detection results")
+            return fig
+        for ax, (name, det) in zip(axes, detects.items()):
+            spike_panel(ax, det, name)
+        handles = [Line2D([], [], color=CB[0], marker="o", ms=3.5, label="down_proj input"),
+                   Line2D([], [], color=CB[3], marker="s", ms=3.5, label="down_proj output"),
+                   Patch(color=CB[2], alpha=0.3, lw=0, label="layer of a super weight"),
+                   Patch(color="0.75", alpha=0.3, lw=0, label="echo (not kept)")]
+        _legend(fig, handles, title="max |·| on one prompt")
+    return fig
+
+
+def _condition_order(cond: str) -> tuple[float, str]:
+    if cond in SW_CONDITION_LABEL:
+        return (list(SW_CONDITION_LABEL).index(cond), cond)
+    n = cond.split("_")[1] if cond.startswith("prune_") else ""
+    return (len(SW_CONDITION_LABEL) + (float(n) if n.isdigit() else 1e12), cond)
+
+
+def _condition_label(cond: str) -> str:
+    parts = cond.split("_")
+    if cond.startswith("prune_") and parts[1].isdigit():
+        return f"{int(parts[1]):,}\nlargest\nothers\npruned"
+    return SW_CONDITION_LABEL.get(cond, cond.replace("_", " "))
+
+
+def plot_sw_ablation(ablations: dict[str, dict]) -> Figure:
+    """Perplexity and last-word accuracy per ablation condition, one marker per model, its original dotted."""
+    with theme():
+        fig, axes = _figure(1, 2, (8.0, 3.2))
+        conds = sorted({c["condition"] for a in ablations.values() for c in a.get("conditions", [])}, key=_condition_order)
+        if not conds:
+            for ax in axes[0]:
+                _no_data(ax, "no ablation results")
+            return fig
+        colors, dodge = _model_colors(ablations), 0.5 / max(len(ablations), 1)
+        for ax, (get, label) in zip(axes[0], ((lambda c: c["val"]["ppl"], "validation perplexity"),
+                                               (lambda c: c["last_word_accuracy"], "last-word accuracy"))):
+            for i, (name, a) in enumerate(ablations.items()):
+                by = {c["condition"]: get(c) for c in a.get("conditions", [])}
+                xs = [j + (i - (len(ablations) - 1) / 2) * dodge for j, c in enumerate(conds) if c in by]
+                ax.plot(xs, [by[c] for c in conds if c in by], "o", color=colors[name], ms=5, zorder=3)
+                if "original" in by:
+                    ax.axhline(by["original"], color=colors[name], ls=":", lw=0.9)
+            ax.set_xticks(range(len(conds)), [_condition_label(c) for c in conds], fontsize="x-small")
+            ax.set_xlim(-0.5, len(conds) - 0.5)
+            ax.set_ylabel(label)
+        axes[0, 0].set_yscale("log")
+        axes[0, 1].set_ylim(bottom=0)
+        _percent_axis(axes[0, 1].yaxis)
+        handles = [Line2D([], [], color=colors[n], marker="o", ms=5, lw=0,
+                          label=n + ("\n(no super weight:\noriginal only)" if _no_sw(a) else "")) for n, a in ablations.items()]
+        handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label="original model"))
+        _legend(fig, handles)
+    return fig
+
+
+def plot_sw_scale(scales: dict[str, dict]) -> Figure:
+    """Perplexity and last-word accuracy with the super weights scaled by 0…3 (1 = the original model)."""
+    with theme():
+        fig, axes = _figure(1, 2, (7.6, 3.0))
+        colors = _model_colors(scales)
+        if not any(s.get("points") for s in scales.values()):
+            for ax in axes[0]:
+                _no_data(ax, "no super weight in any model:\nnothing to scale" if scales else "no scale results")
+            if scales:
+                _legend(fig, [Line2D([], [], color=colors[n], lw=0, marker="o", label=f"{n}: none found") for n in scales])
+            return fig
+        for ax, (get, label) in zip(axes[0], ((lambda p: p["val"]["ppl"], "validation perplexity"),
+                                               (lambda p: p["last_word_accuracy"], "last-word accuracy"))):
+            for name, sc in scales.items():
+                pts = sorted(sc.get("points") or [], key=lambda p: p["factor"])
+                if pts:
+                    ax.plot([p["factor"] for p in pts], [get(p) for p in pts], color=colors[name], marker="o", ms=3.5)
+            ax.axvline(1.0, color="0.5", ls=":", lw=0.9)
+            ax.set_xlabel("super-weight scaling factor")
+            ax.set_ylabel(label)
+        axes[0, 0].set_yscale("log")
+        axes[0, 1].set_ylim(bottom=0)
+        _percent_axis(axes[0, 1].yaxis)
+        handles = [Line2D([], [], color=colors[n], marker="o", ms=3.5, lw=1.2 if sc.get("points") else 0,
+                          label=n if sc.get("points") else f"{n}: none found") for n, sc in scales.items()]
+        handles.append(Line2D([], [], color="0.5", ls=":", lw=0.9, label="factor 1 = original"))
+        _legend(fig, handles)
+    return fig
+
+
+def _block_order(blocks) -> list:
+    """Numeric block sizes ascending, then the named granularities (channel, tensor)."""
+    return sorted(set(blocks), key=lambda b: (1, str(b)) if isinstance(b, str) else (0, b))
+
+
+def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
+    """Perplexity vs block size per model: plain RTN vs super-weight aware, per bit width (the paper's Fig. 7)."""
+    with theme():
+        fig, axes = _panels(len(quants))
+        if not quants:
+            _no_data(axes[0], "no quantization results")
+            return fig
+        bits = sorted({p["bits"] for q in quants.values() for p in q.get("points", [])})
+        bcolors = sequential_colors(bits, "rocket", 0.15, 0.75)
+        for ax, (name, q) in zip(axes, quants.items()):
+            ax.set_title(name + (" (no super weight)" if _no_sw(q) else ""), fontsize="medium")
+            blocks = _block_order(p["block"] for p in q.get("points", []))
+            if not blocks:
+                _no_data(ax, "no quantization points")
+                continue
+            for (b, method), g in pd.DataFrame(q["points"]).groupby(["bits", "method"], sort=True):
+                g = g.assign(pos=[blocks.index(v) for v in g.block]).sort_values("pos")
+                ls, marker, _ = SW_METHOD_STYLE.get(method, ("-.", "x", method))
+                ax.plot(g.pos, g.ppl, color=bcolors[float(b)], ls=ls, marker=marker, ms=3.5)
+            if finite((q.get("baseline") or {}).get("ppl")):
+                ax.axhline(q["baseline"]["ppl"], color="0.4", ls=":", lw=0.9)
+            ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+            ax.set_yscale("log")
+            ax.set_xlabel("block size (elements)")
+            ax.set_ylabel("validation perplexity")
+        methods = sorted({p["method"] for q in quants.values() for p in q.get("points", [])}, key=list(SW_METHOD_STYLE).index)
+        handles = [Line2D([], [], color=bcolors[float(b)], lw=1.5, label=f"{b}-bit weights") for b in bits]
+        handles += [Line2D([], [], color="0.3", ls=SW_METHOD_STYLE[m][0], marker=SW_METHOD_STYLE[m][1], ms=3.5,
+                           label=SW_METHOD_STYLE[m][2]) for m in methods]
+        handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label="unquantized"))
+        _legend(fig, handles)
+    return fig
+
+
+# name -> function({kind: {model: JSON}}) -> Figure; drawn by `sparsescale superweight report --figures DIR`.
+SUPERWEIGHT_FIGURES: dict[str, Callable[[dict], Figure]] = {
+    "sw_spike_profile": lambda r: plot_spike_profiles(r["detect"]),
+    "sw_ablation": lambda r: plot_sw_ablation(r["ablation"]),
+    "sw_scale": lambda r: plot_sw_scale(r["scale"]),
+    "sw_quantize": lambda r: plot_sw_quantize(r["quantize"]),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+
+SUMMER = "Summer is hot. Winter is"
+STOPWORD_KEYS = {"the": "the", ".": "period", ",": "comma"}  # stopword -> CSV column suffix
+
+
+def superweight_summary_table(summary: pd.DataFrame) -> Table:
+    """One row per model: do its super weights exist (coordinates, or "none found"), and does top-K keep them?"""
+    header = ["Model", "Precision", "S", "N", "Super weights", "Coordinates (layer, row, col)", "Max spike ratio",
+              "Kept by top-K"]
+    rows = []
+    for r in summary.itertuples(index=False):
+        spike = f"{r.max_spike_ratio:.3g} (layer {int(r.spike_layer)})" if finite(r.max_spike_ratio) else MISSING
+        rows.append([r.model, PRECISION_LABEL.get(r.precision, r.precision), fmt_pct(r.sparsity, 0),
+                     fmt_n(r.n_params) if finite(r.n_params) else MISSING, str(int(r.n_super_weights)), r.coordinates,
+                     spike, r.kept_by_topk])
+    rules = sorted({f"{r.rule} rule, threshold {r.threshold:g}" for r in summary.itertuples(index=False)})
+    notes = [f"Detection on one prompt ({'; '.join(rules) or 'no models'}): a layer fires when its max |down_proj input| "
+             "and max |output| are both at least the threshold times the median of the other layers; max spike ratio is "
+             "the largest, over layers, of the smaller of the two ratios (compare it with the threshold).",
+             "Kept by top-K: whether the Q-Sparse mask keeps each super activation's input X[t, k] (n/a for dense models). "
+             "N: non-embedding parameters (— for a checkpoint outside the sweep); S: target sparsity."]
+    echoes = [f"{r.model} ({int(r.n_echoes)})" for r in summary.itertuples(index=False) if finite(r.n_echoes) and r.n_echoes > 0]
+    if echoes:
+        notes.append(f"Echoes (late-layer spikes that do not persist, not counted): {', '.join(echoes)}.")
+    known = [f"{r.model}: {'agrees' if r.known_agrees == 'yes' else 'differs'}" for r in summary.itertuples(index=False)
+             if r.known_agrees]
+    if known:
+        notes.append(f"Against the published coordinates: {', '.join(known)}.")
+    return Table("superweight_summary", header, rows, summary.reset_index(drop=True), notes)
+
+
+def _top(c: dict) -> tuple[str, float]:
+    t = (c.get("top_tokens") or [{}])[0]
+    return t.get("token", ""), t.get("prob", float("nan"))
+
+
+def superweight_ablation_table(ablations: dict[str, dict]) -> Table:
+    """Per model and condition: loss, perplexity, last-word accuracy, stopword probabilities, the top next token."""
+    header = ["Model", "Condition", "Val. loss", "PPL", "Last-word acc."] + [f"P({w})" for w in STOPWORD_KEYS]
+    header.append(f'Top next token after "{SUMMER}"')
+    rows, records, groups, notes = [], [], [], []
+    for name, a in ablations.items():
+        groups.append(len(rows))
+        conds = sorted(a.get("conditions", []), key=lambda c: _condition_order(c["condition"]))
+        for c in conds:
+            token, prob = _top(c)
+            rec = {"model": name, "condition": c["condition"], "n": c.get("n"), "val_loss": c["val"]["loss"],
+                   "val_ppl": c["val"]["ppl"], "last_word_accuracy": c["last_word_accuracy"],
+                   "n_prompts": c.get("n_prompts"), "top_token": token, "top_token_prob": prob}
+            cells = [name, _condition_label(c["condition"]).replace("\n", " "), f"{c['val']['loss']:.4f}",
+                     fmt_num(c["val"]["ppl"]), fmt_pct(c["last_word_accuracy"], 1)]
+            for w, key in STOPWORD_KEYS.items():
+                p, ratio = (c.get("stopword_prob") or {}).get(w), (c.get("stopword_ratio") or {}).get(w)
+                rec[f"p_{key}"], rec[f"ratio_{key}"] = p, ratio
+                cell = fmt_num(p)
+                if c["condition"] != "original" and finite(ratio):
+                    cell += f" (×{ratio:.3g})"
+                cells.append(cell)
+            cells.append(f"{json.dumps(token)} {fmt_pct(prob, 1)}" if token else MISSING)
+            rows.append(cells)
+            records.append(rec)
+        frac = (a.get("summary") or {}).get("restore_recovered_fraction")
+        if finite(frac):
+            notes.append(f"{name}: restoring the super activation recovers {fmt_pct(frac, 1)} of the loss increase.")
+        if a.get("note"):
+            notes.append(f"{name}: {a['note']}.")
+    notes.insert(0, "Loss in nats/token on the validation split; last-word accuracy and the stopword probabilities "
+                    "(the mean next-token probability after the last-word contexts; in brackets the ratio to the "
+                    "original model) over held-out paragraphs; top token of the model's own tokenizer.")
+    cols = ["model", "condition", "n", "val_loss", "val_ppl", "last_word_accuracy", "n_prompts"]
+    cols += [f"{p}_{k}" for k in STOPWORD_KEYS.values() for p in ("p", "ratio")] + ["top_token", "top_token_prob"]
+    return Table("superweight_ablation", header, rows, pd.DataFrame(records, columns=cols), notes, groups=groups)
+
+
+def _block_label(b) -> str:
+    return f"block {b}" if not isinstance(b, str) else f"per {b}"
+
+
+def superweight_quantize_table(quants: dict[str, dict]) -> Table:
+    """Validation perplexity per model, bits and method (rows) and block size (columns), the unquantized beside."""
+    blocks = _block_order(p["block"] for q in quants.values() for p in q.get("points", []))
+    header = ["Model", "Bits", "Method", "Unquantized"] + [_block_label(b) for b in blocks]
+    rows, records, groups = [], [], []
+    for name, q in quants.items():
+        groups.append(len(rows))
+        base = (q.get("baseline") or {}).get("ppl")
+        pts = pd.DataFrame(q.get("points") or [], columns=["bits", "block", "method", "z", "calib_mse", "loss", "ppl"])
+        for (bits, method), g in pts.groupby(["bits", "method"], sort=False):
+            by = dict(zip(g.block, g.ppl))
+            rows.append([name, str(bits), SW_METHOD_STYLE.get(method, ("", "", method))[2], fmt_num(base)]
+                        + [fmt_num(by[b]) if b in by else MISSING for b in blocks])
+        for p in q.get("points") or []:
+            records.append({"model": name, "bits": p["bits"], "block": p["block"], "method": p["method"], "z": p.get("z"),
+                            "calib_mse": p.get("calib_mse"), "val_loss": p["loss"], "val_ppl": p["ppl"], "baseline_ppl": base})
+    notes = ["Validation perplexity after quantizing every decoder linear (asymmetric round-to-nearest over blocks of "
+             "contiguous elements; not the embeddings, norms or LM head). Super-weight aware: clip each block at "
+             "z std(|W|) + mean(|W|), z chosen on a calibration split of the training data (z in the CSV), then restore "
+             "the super weights in full precision. Without a super weight it is the clipping alone."]
+    cols = ["model", "bits", "block", "method", "z", "calib_mse", "val_loss", "val_ppl", "baseline_ppl"]
+    return Table("superweight_quantize", header, rows, pd.DataFrame(records, columns=cols), notes, groups=groups)
+
+
+def superweight_w8a8_table(quants: dict[str, dict]) -> Table:
+    """W8A8 perplexity: naive vs super-activation aware activation quantization, per tensor and per token."""
+    keys = []
+    for q in quants.values():
+        keys += [(p["act_granularity"], p["method"]) for p in q.get("act_points") or [] if (p["act_granularity"], p["method"]) not in keys]
+    label = {"naive": "naive", "sa_aware": "super-act. aware"}
+    header = ["Model", "Unquantized"] + [f"W8A8 per-{g} {label.get(m, m)}" for g, m in keys]
+    rows, records = [], []
+    for name, q in quants.items():
+        by = {(p["act_granularity"], p["method"]): p for p in q.get("act_points") or []}
+        rows.append([name, fmt_num((q.get("baseline") or {}).get("ppl"))]
+                    + [fmt_num(by[k]["ppl"]) if k in by else MISSING for k in keys])
+        records += [{"model": name, "act_bits": p["act_bits"], "act_granularity": p["act_granularity"], "method": p["method"],
+                     "n_super_activations": p["n_super_activations"], "val_loss": p["loss"], "val_ppl": p["ppl"]}
+                    for p in q.get("act_points") or []]
+    notes = ["Weights 8-bit per output channel, activations 8-bit (asymmetric, per tensor or per token) at the input of "
+             "every decoder linear; super-activation aware: each super activation is replaced by the median before "
+             "quantization and restored in full precision after (the paper's W8A8 comparison)."]
+    cols = ["model", "act_bits", "act_granularity", "method", "n_super_activations", "val_loss", "val_ppl"]
+    return Table("superweight_w8a8", header, rows, pd.DataFrame(records, columns=cols), notes)
+
+
+# name -> function({kind: {model: JSON}, "summary": DataFrame}) -> Table; `superweight report --tables DIR`.
+SUPERWEIGHT_TABLES: dict[str, Callable[[dict], Table]] = {
+    "superweight_summary": lambda r: superweight_summary_table(r["summary"]),
+    "superweight_ablation": lambda r: superweight_ablation_table(r["ablation"]),
+    "superweight_quantize": lambda r: superweight_quantize_table(r["quantize"]),
+    "superweight_w8a8": lambda r: superweight_w8a8_table(r["quantize"]),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def cli_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsescale superweight report",
+                                description="Super-weight figures and tables from the per-model JSONs and the summary.")
+    p.add_argument("--summary", required=True, help="summary CSV (sparsescale superweight summarize)")
+    p.add_argument("--dirs", nargs="+", required=True, help="per-model folders with detect/ablation/scale/quantize.json")
+    p.add_argument("--figures", help="folder for {name}.png and {name}.pdf")
+    p.add_argument("--tables", help="folder for {name}.md, .tex and .csv")
+    p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: the theme's 200)")
+    a = p.parse_args(argv)
+    if not (a.figures or a.tables):
+        raise UserError("nothing to do: pass --figures DIR and/or --tables DIR")
+    inputs = load_report_inputs(a.dirs)
+    inputs["summary"] = read_summary(a.summary)
+    paths = []
+    for name, draw in SUPERWEIGHT_FIGURES.items() if a.figures else ():
+        paths += save_figure(draw(inputs), a.figures, name, a.dpi)
+    for make in SUPERWEIGHT_TABLES.values() if a.tables else ():
+        paths += write_table(make(inputs), a.tables)
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,115 @@
+"""The Snakemake workflow end to end on the smoke config (a copy of the repo in a temp dir), plus lint, format,
+the paper config's DAG, schema errors and a targeted rerun."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+def snakemake(*args, cwd, check=True, timeout=1200):
+    cmd = [str(BIN / "snakemake"), "--cores", "2", *args]
+    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in ("Snakefile", "workflow", "config"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    (dest / "tests").mkdir()
+    shutil.copytree(ROOT / "tests" / "fixtures", dest / "tests" / "fixtures")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
+    t0 = time.time()
+    snakemake("--configfile", "config/smoke.yaml", "--workflow-profile", "workflow/profiles/default", cwd=wd)
+    print(f"smoke workflow: {time.time() - t0:.0f}s")
+    return wd
+
+
+def test_smoke_outputs(smoke):
+    res = smoke / "results" / "smoke"
+    runs = pd.read_csv(res / "tables" / "runs.csv")
+    assert len(runs) == 3 * 3 * 2 + 2  # sizes x sparsities x precisions + continue + finetune
+    assert (runs["status"] == "ok").all()
+    for col in ("run_id", "n_params", "n_params_total", "n_active", "sparsity", "sparsity_measured", "precision",
+                "seed", "tokens", "val_loss", "eval_val_loss"):
+        assert col in runs.columns, col
+    assert runs["val_loss"].map(math.isfinite).all()
+    # eval.json re-measures the saved checkpoint: same loss as training's final evaluation
+    assert (runs["val_loss"] - runs["eval_val_loss"]).abs().max() < 1e-4
+    assert sorted(runs["mode"].unique()) == ["continue", "finetune", "scratch"]
+    curves = pd.read_csv(res / "tables" / "curves.csv")
+    assert set(curves["run_id"]) == set(runs["run_id"])
+    for p in ("fp", "1.58"):
+        assert (res / "fit" / f"fit_{p}.json").is_file()
+    assert (res / "fit" / "optimal_sparsity.json").is_file()
+    for name in ("fig1_scaling", "fig3_optimal_sparsity", "fig7_residuals"):
+        assert (res / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert (res / "figures" / f"{name}.pdf").is_file()
+    for name in ("fit_constants", "losses", "sparsity"):
+        for ext in ("md", "tex", "csv"):
+            assert (res / "tables" / f"{name}.{ext}").is_file()
+    # every run records its config and versions next to its results
+    cfg = pd.read_json(res / "runs" / "d2-s0.50-b1.58-seed0" / "config.json", typ="series")
+    assert cfg["precision"] == "1.58" and "torch" in cfg["versions"]
+
+
+def test_rerun_after_deleting_one_final_reruns_only_that_run(smoke):
+    final = smoke / "results" / "smoke" / "runs" / "d2-s0.50-bfp-seed0" / "final.json"
+    final.unlink()
+    p = snakemake("--configfile", "config/smoke.yaml", "-n", "--quiet", "rules", cwd=smoke)
+    counts = {}
+    for line in p.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts.get("train") == 1, p.stdout
+    assert "train_continue" not in counts and "train_finetune" not in counts
+    assert counts.get("evaluate") == 1 and counts.get("aggregate") == 1 and counts.get("fit") == 1
+
+
+def test_paper_dag_builds_fast():
+    t0 = time.time()
+    p = snakemake("--configfile", "config/paper.yaml", "-n", "--quiet", "rules", cwd=ROOT)
+    took = time.time() - t0
+    total = [int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("total")]
+    assert total and total[0] >= 150, p.stdout
+    print(f"paper DAG: {total[0]} jobs in {took:.1f}s")
+
+
+def test_lint_and_format_clean():
+    p = snakemake("--lint", cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
+    assert f.returncode == 0, f.stdout + f.stderr
+
+
+@pytest.mark.parametrize("override,key", [
+    ("sweep={'sizes':['d2'],'sparsity':[1.2],'precision':['fp'],'seeds':[0]}", "1.2"),
+    ("sweep={'sizes':['d99'],'sparsity':[0.5],'precision':['fp'],'seeds':[0]}", "d99"),
+    ("sweep={'sizes':['d2'],'sparsity':[0.5],'precision':['2bit'],'seeds':[0]}", "2bit"),
+])
+def test_bad_config_fails_at_startup(tmp_path, override, key):
+    wd = copy_workflow(tmp_path)
+    p = snakemake("--configfile", "config/smoke.yaml", "-n", "--config", override, cwd=wd, check=False)
+    assert p.returncode != 0
+    assert key in p.stdout + p.stderr
+    assert not (wd / "results").exists()

@@ -1,0 +1,27 @@
+# Fit L(N,S) = E + A(S)/N^alpha per precision, bootstrap intervals, and the inference-optimal sparsity S*.
+
+
+rule fit:
+    input:
+        runs=f"{R}/tables/runs.csv",
+    output:
+        fits=expand(f"{R}/fit/fit_{{p}}.json", p=precisions()),
+        optimal=f"{R}/fit/optimal_sparsity.json",
+    log:
+        "logs/fit.log",
+    benchmark:
+        "logs/benchmarks/fit.tsv"
+    conda:
+        ENV
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        form=config["fit"]["form"],
+        bootstrap=config["fit"]["bootstrap"],
+        seed=config["fit"]["seed"],
+        out=lambda wc, output: os.path.dirname(output.optimal),
+    shell:
+        "sparsescale fit {input.runs} --out {params.out} --form {params.form} --bootstrap {params.bootstrap} "
+        "--seed {params.seed} --jobs {threads} > {log} 2>&1"
