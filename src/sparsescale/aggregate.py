@@ -38,6 +38,8 @@ def _row(run_dir: Path) -> dict:
 def _missing_row(run_dir: Path) -> dict:
     failed = run_dir / "failed.json"
     info = read_json(failed) if failed.exists() else {}
+    name = run_dir.name
+    info.setdefault("mode", next((m for m in ("continue", "finetune") if name.endswith(f"-{m}")), "scratch"))
     return {"run_id": run_dir.name, "status": info.get("status", "missing"), "error": info.get("error", ""),
             **{k: info.get(k) for k in ("size", "mode", "n_params", "sparsity", "precision", "seed")}}
 

@@ -741,6 +741,9 @@ def cli_fit(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="worker processes for the bootstrap (default: all cores)")
     ap.add_argument("--precision", default=None, help="fit only this precision (fp or 1.58)")
     ap.add_argument("--starts", type=int, default=None, help="L-BFGS-B starts: the best of the 432-point grid (default: all)")
+    ap.add_argument("--mode", default="scratch",
+                    help="fit only runs of this training mode when the table has a `mode` column (default: scratch; "
+                         "continue/finetune runs start from a trained model and do not follow the law)")
     args = ap.parse_args(argv)
     try:
         runs = pd.read_csv(args.runs, dtype={"precision": str})
@@ -748,6 +751,10 @@ def cli_fit(argv: list[str]) -> int:
         raise UserError(f"runs table not found: {args.runs} (make it with `sparsescale aggregate`)") from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
         raise UserError(f"cannot read runs table {args.runs}: {err}") from None
+    if "mode" in runs.columns:
+        if not (runs["mode"] == args.mode).any():
+            raise UserError(f"{args.runs} has no runs with mode={args.mode!r} (modes: {sorted(runs['mode'].dropna().unique())})")
+        runs = runs[runs["mode"] == args.mode]
     reports = fit_all(runs, args.form, args.bootstrap, args.seed, args.jobs, precision=args.precision, n_starts=args.starts)
     for p, rep in reports.items():
         for w in rep["warnings"]:
