@@ -59,9 +59,9 @@ def test_numba_tilings_agree(tiles):
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_parallel_kernel_default_tiles(dtype):
-    w, x = _case(301, 1500, dtype, seed=4)
+def test_parallel_kernel_default_tiles():
+    # fp32 only: bf16 shares every line but the widening, tested with the serial kernel (one compile less)
+    w, x = _case(301, 1500, torch.float32, seed=4)
     sw = K.SparseWeight(w, "numba", threads=2)
     assert K._tiles(1500, 2) == (2, 1) and K._tiles(700, 2) == (1, 2)
     y, n = sw(x, k=150)

@@ -98,7 +98,10 @@ def test_split_last_word():
 
 def test_paragraphs_keep_long_blocks_only():
     texts = ["short one\n\n" + "w " * 25 + "end.\nanother short", "x " * 30]
-    assert [len(p.split()) for p in probes.paragraphs(texts, min_words=20)] == [26, 30]
+    # the lines of one blank-line separated block are one paragraph: 26 + 2 words
+    assert [len(p.split()) for p in probes.paragraphs(texts, min_words=20)] == [28, 30]
+    verse = "\n".join(["one two three four five"] * 5) + "\n\n" + "six seven"
+    assert [len(p.split()) for p in probes.paragraphs([verse], min_words=20)] == [25]
 
 
 def test_last_word_prompts_and_context_truncation(tok):

@@ -277,13 +277,14 @@ def test_quantize_and_w8a8_tables_read_back(sweep):
     rows = md_rows(to_markdown(t))
     assert len(rows) == 3 * 4
     by = {(r[0], r[1], r[2]): r[3:] for r in rows}
-    assert by[("org__tiny", "3", "super-weight aware")] == [fmt_num(60.0), fmt_num(99.0), fmt_num(135.0)]
+    assert by[("org__tiny", "3", "super-weight aware")] == ["60.00", "99.00", "135.00"]
     csv = pd.read_csv(io.StringIO(to_csv(t)))
     assert len(csv) == 3 * 8 and csv.val_ppl.iloc[:8].tolist() == list(QUANT_PPL.values())
     w = SR.superweight_w8a8_table(inputs["quantize"])
     assert w.header[2:] == ["W8A8 per-tensor naive", "W8A8 per-tensor super-act. aware", "W8A8 per-token naive",
                             "W8A8 per-token super-act. aware"]
-    assert md_rows(to_markdown(w))[1][1:] == [fmt_num(40.0), fmt_num(50.0), fmt_num(42.0), fmt_num(40.4), fmt_num(40.2)]
+    assert md_rows(to_markdown(w))[1][1:] == ["40.00", "50.00", "42.00", "40.40", "40.20"]
+    assert SR.fmt_ppl(3.469e7) == "3.469e+07" and SR.fmt_ppl(float("nan")) == "—"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ Features
   `threshold=` (|x| > t: a calibrated approximation of top-K, K varies per token), or `presparsified=True`
   (x is already X*M; the non-zeros are the active inputs).
 - Backends behind one switch (`backend="auto"|"numba"|"torch"|"triton"`):
-  numba (CPU, fp32 and bf16 weights): selection and GEMV fused in one call; output columns split in blocks,
-    one per thread (each thread owns a slice of y and streams the same slice of every active row), active
-    rows unrolled by 8; bf16 is read as uint16 and widened to fp32 in registers (`_to_f32`).
+  numba (CPU, fp32 and bf16 weights): selection (radix select of the K-th |x|) and GEMV fused in one call;
+    W^T in transparent huge pages (few TLB misses when jumping between rows); output columns split in
+    blocks, one per thread (each thread owns a slice of y and streams that slice of every active row), active
+    rows unrolled by 8; bf16 is read as uint16 and widened to fp32 in registers (`_to_f32`). threads=1 runs
+    on the calling thread (no pool to wake); more use numba's workqueue layer (see `_prefer_workqueue`).
   triton (CUDA): programs over (column block, slice of the active list), fp32 atomics into y; the active
     count stays on the device (no host sync). Chosen by `auto` on CUDA when triton imports.
   torch (anything): a portable reference: index_select of the active rows, then a matmul (a gather copy;
@@ -37,7 +39,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsescale.errors import UserError
@@ -57,7 +58,6 @@ try:  # numba is a dependency; guard anyway so that the torch backend works with
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
     HAVE_NUMBA = False
-
 
 
 def _prefer_workqueue() -> None:
@@ -103,6 +103,28 @@ if HAVE_NUMBA:
         return None
 
     @njit(cache=True, boundscheck=False)
+    def _kth_largest_bits(bits, k):
+        """Bit pattern of the k-th largest of non-negative fp32 values given as their uint32 bits (for x >= 0
+        the bit patterns order like the values). Radix select: a histogram of the top 11 bits finds the bin
+        holding it, a partition of that bin's few members finds it exactly: ~3 passes, no sort, no full copy."""
+        hist = np.zeros(2048, np.int32)
+        for b in bits:
+            hist[b >> 20] += 1
+        above = 0
+        top = 2047
+        while above + hist[top] < k:
+            above += hist[top]
+            top -= 1
+        cand = np.empty(hist[top], np.uint32)
+        m = 0
+        for b in bits:
+            if b >> 20 == top:
+                cand[m] = b
+                m += 1
+        rank = k - above  # 1-based, from the largest, inside the bin
+        return np.partition(cand, m - rank)[m - rank]
+
+    @njit(cache=True, boundscheck=False)
     def _select(x, how, k, thr, idx):
         """Fill idx[:n] with the active positions of x in increasing order; return n.
         how 0: exact top-K of |x|: all entries above the K-th largest magnitude, then the first ties up to K
@@ -116,19 +138,19 @@ if HAVE_NUMBA:
         if how == 0:
             if k <= 0:
                 return 0
-            a = np.abs(x)
-            t = np.partition(a, d - k)[d - k]
+            bits = np.abs(x).view(np.uint32)
+            t = _kth_largest_bits(bits, k)
             n_gt = 0
-            for j in range(d):
-                if a[j] > t:
+            for b in bits:
+                if b > t:
                     n_gt += 1
             ties = k - n_gt
             for j in range(d):
-                v = a[j]
-                if v > t:
+                b = bits[j]
+                if b > t:
                     idx[n] = j
                     n += 1
-                elif v == t and ties > 0:
+                elif b == t and ties > 0:
                     idx[n] = j
                     n += 1
                     ties -= 1
@@ -229,14 +251,17 @@ if HAVE_NUMBA:
             c0 = min(d_out, cb * colw)
             c1 = min(d_out, c0 + colw)
             acc = np.zeros((b_sz, c1 - c0), np.float32)
+            wf = np.empty(c1 - c0, np.float32)
             for r in range(n):
                 i = idx[r]
                 wi = w[i * d_out + c0:i * d_out + c1]
+                for j in range(c1 - c0):  # widen once per row, use it for every token
+                    wf[j] = _to_f32(wi[j])
                 for b in range(b_sz):
                     xb = xs[b, i]
                     if xb != 0:
                         for j in range(c1 - c0):
-                            acc[b, j] += xb * _to_f32(wi[j])
+                            acc[b, j] += xb * wf[j]
             y[:, c0:c1] = acc
         return n
 
@@ -311,9 +336,9 @@ def _triton_gemv(wt: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: torch.
 def select_mask(x: torch.Tensor, k: int | None = None, threshold: float | None = None,
                 presparsified: bool = False) -> torch.Tensor:
     """Boolean mask of the active inputs of x (last dim), by the same rules as the kernels (torch ops only)."""
-    a = x.detach().abs()
     if presparsified:
         return x != 0
+    a = x.detach().abs()
     if threshold is not None:
         return a > threshold
     d = x.shape[-1]
@@ -349,7 +374,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                         "use backend='torch' (or 'auto')")
     if backend == "triton" and not (HAVE_TRITON and cuda):
         raise UserError(f"backend='triton' needs triton and a CUDA tensor: got device {device}, triton "
-                        f"{'installed' if HAVE_TRITON else 'not installed'}; pip install 'sparsescale[gpu]' or use backend='auto'")
+                        f"{'installed' if HAVE_TRITON else 'not installed'}; "
+                        "pip install 'sparsescale[gpu]' or use backend='auto'")
     return backend
 
 
@@ -397,16 +423,20 @@ class SparseWeight:
         if x.shape[0] != self.d_in:
             raise UserError(f"sparse GEMV expects one token of {self.d_in} inputs: got shape {tuple(x.shape)}")
         how = _TOPK if k is not None else _THRESHOLD if threshold is not None else _NONZERO
+        return self.run(x, how, int(k or 0), float(threshold or 0.0))
+
+    def run(self, x: torch.Tensor, how: int, k: int = 0, thr: float = 0.0):
+        """`__call__` without the checks (the decode path's per-token call).
+        x (D_in,); how: _TOPK (k), _THRESHOLD (thr) or _NONZERO."""
         if self.backend == "numba":
             threads = _numba_threads(self.threads)
             n_col, n_split = self.tiles or _tiles(self.d_out, threads)
             kernel = _sparse_gemv_parallel if threads > 1 else _sparse_gemv_serial
-            xf = x.float().contiguous().numpy()
             y = np.empty(self.d_out, np.float32)
-            n = kernel(self._flat, self.d_out, xf, how, int(k or 0), float(threshold or 0.0), self._idx, y,
+            n = kernel(self._flat, self.d_out, x.float().contiguous().numpy(), how, k, thr, self._idx, y,
                        n_col, n_split)
-            return torch.from_numpy(y), int(n)
-        mask = select_mask(x, k, threshold, presparsified)
+            return torch.from_numpy(y), n
+        mask = select_mask(x, k if how == _TOPK else None, thr if how == _THRESHOLD else None, how == _NONZERO)
         if self.backend == "triton":
             # active positions first, in increasing order (stable sort of ~mask); the count stays on the GPU
             idx = torch.argsort((~mask).to(torch.int8), stable=True).to(torch.int32)
@@ -468,12 +498,13 @@ class _Group:
 
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         if self.key is not x:
+            x1 = x.detach().reshape(-1)  # (D_in,)
             if self.mode == "threshold":
-                y, n = self.sw(x, threshold=self.threshold)
+                y, n = self.sw.run(x1, _THRESHOLD, thr=self.threshold)
             elif self.plain:
-                y, n = self.sw(x, k=self.k) if self.settings.sparsity > 0 else self.sw(x, k=self.sw.d_in)
+                y, n = self.sw.run(x1, _TOPK, k=self.k if self.settings.sparsity > 0 else self.sw.d_in)
             else:  # block / int8 / rescale: the exact Q-Sparse transform, then its non-zeros
-                y, n = self.sw(self.members[0].sparsify_input(x), presparsified=True)
+                y, n = self.sw.run(self.members[0].sparsify_input(x1), _NONZERO)
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
             self.key, self.out = x, (y + self.bias.to(y.dtype) if self.bias is not None else y)
             self.calls += 1
@@ -519,7 +550,7 @@ class SparseDecode:
     def stats(self) -> dict:
         """Sparse-GEMV calls so far and the measured fraction of inputs skipped (weighted by weight size)."""
         calls = sum(g.calls for g in self.groups)
-        read = sum(g.active * g.sw.d_out for g in self.groups)
+        read = sum(float(g.active) * g.sw.d_out for g in self.groups)  # float(): a device count (triton)
         total = sum(g.calls * g.sw.d_in * g.sw.d_out for g in self.groups)
         return {"mode": self.mode, "label": self.label, "backend": self.backend, "calls": calls,
                 "sparsity_measured": 1.0 - read / total if total else float("nan"), "extra_bytes": self.extra_bytes}
@@ -587,7 +618,8 @@ def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "a
 
     mode="topk": exact top-K, outputs equal the normal forward within fp32 rounding.
     mode="threshold": |x| > calibrated threshold (`calibrate_thresholds`), an approximation.
-    Extra memory: one W^T copy of every converted weight (`.extra_bytes` of the returned handle).
+    Extra memory: one W^T copy of every converted weight (`.extra_bytes` of the returned handle). The copies
+    are a snapshot: after changing the weights, call this again.
     threads (numba): None follows torch.get_num_threads(); 1 keeps the GEMV on the calling thread.
     """
     from sparsescale.qsparse import qsparse_linears

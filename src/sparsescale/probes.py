@@ -127,10 +127,11 @@ def split_last_word(paragraph: str) -> tuple[str, str] | None:
 
 
 def paragraphs(texts: list[str], min_words: int = 20) -> list[str]:
-    """Paragraphs (blank-line or newline separated blocks) with at least min_words words, in input order."""
+    """Paragraphs (blank-line separated blocks, their lines joined: verse keeps its stanzas) with at least
+    min_words words, in input order."""
     out = []
     for text in texts:
-        for block in re.split(r"\n\s*\n|\n", text):
+        for block in re.split(r"\n\s*\n", text):
             block = " ".join(block.split())
             if len(block.split()) >= min_words:
                 out.append(block)

@@ -34,13 +34,11 @@ from sparsescale.errors import UserError
 from sparsescale.plots import (
     CB, _figure, _legend, _no_data, _percent_axis, save_figure, sequential_colors, spike_panel, theme,
 )
-from sparsescale.superweight_summary import read_summary
+from sparsescale.probes import SUMMER_PROMPT
+from sparsescale.superweight_summary import MAKER, read_result, read_summary
 from sparsescale.tables import MISSING, PRECISION_LABEL, Table, finite, fmt_n, fmt_num, fmt_pct, write_table
 
 KINDS = ("detect", "ablation", "scale", "quantize")
-# The command that writes each file, for the messages naming a missing one.
-MAKER = {"detect": "sparsescale superweight detect", "ablation": "sparsescale superweight ablate",
-         "scale": "sparsescale superweight ablate", "quantize": "sparsescale superweight quantize"}
 
 
 def load_report_inputs(dirs: list[str | Path], log=print) -> dict[str, dict[str, dict]]:
@@ -49,13 +47,10 @@ def load_report_inputs(dirs: list[str | Path], log=print) -> dict[str, dict[str,
     for d in map(Path, dirs):
         for kind in KINDS:
             path = d / f"{kind}.json"
-            if not path.is_file():
+            if path.is_file():
+                out[kind][d.name] = read_result(path, kind)
+            else:
                 log(f"no {path} (made by `{MAKER[kind]}`): {d.name} is left out of the {kind} figure/table")
-                continue
-            try:
-                out[kind][d.name] = json.loads(path.read_text())
-            except ValueError as err:
-                raise UserError(f"cannot read {path} ({err}): rerun `{MAKER[kind]}`") from None
     return out
 
 
@@ -85,6 +80,20 @@ def _model_colors(names) -> dict:
 
 def _no_sw(res: dict) -> bool:
     return not res.get("super_weights")
+
+
+def _accuracy_axis(ax, values) -> None:
+    """0 to a little above the best accuracy (at least 10%, so an all-zero panel still has readable ticks)."""
+    v = [float(x) for x in values if finite(x)]
+    ax.set_ylim(0, max([0.1] + [1.15 * x for x in v]))
+    _percent_axis(ax.yaxis)
+
+
+def _log_if_wide(ax, values) -> None:
+    """Log y when the values span a decade or more (ablations can multiply perplexity by 100), else linear."""
+    v = [float(x) for x in values if finite(x) and x > 0]
+    if v and max(v) / min(v) >= 10:
+        ax.set_yscale("log")
 
 
 def plot_spike_profiles(detects: dict[str, dict]) -> Figure:
@@ -130,8 +139,10 @@ def plot_sw_ablation(ablations: dict[str, dict]) -> Figure:
         colors, dodge = _model_colors(ablations), 0.5 / max(len(ablations), 1)
         for ax, (get, label) in zip(axes[0], ((lambda c: c["val"]["ppl"], "validation perplexity"),
                                                (lambda c: c["last_word_accuracy"], "last-word accuracy"))):
+            seen = []
             for i, (name, a) in enumerate(ablations.items()):
                 by = {c["condition"]: get(c) for c in a.get("conditions", [])}
+                seen += by.values()
                 xs = [j + (i - (len(ablations) - 1) / 2) * dodge for j, c in enumerate(conds) if c in by]
                 ax.plot(xs, [by[c] for c in conds if c in by], "o", color=colors[name], ms=5, zorder=3)
                 if "original" in by:
@@ -139,9 +150,7 @@ def plot_sw_ablation(ablations: dict[str, dict]) -> Figure:
             ax.set_xticks(range(len(conds)), [_condition_label(c) for c in conds], fontsize="x-small")
             ax.set_xlim(-0.5, len(conds) - 0.5)
             ax.set_ylabel(label)
-        axes[0, 0].set_yscale("log")
-        axes[0, 1].set_ylim(bottom=0)
-        _percent_axis(axes[0, 1].yaxis)
+            (_log_if_wide if ax is axes[0, 0] else _accuracy_axis)(ax, seen)
         handles = [Line2D([], [], color=colors[n], marker="o", ms=5, lw=0,
                           label=n + ("\n(no super weight:\noriginal only)" if _no_sw(a) else "")) for n, a in ablations.items()]
         handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label="original model"))
@@ -156,22 +165,22 @@ def plot_sw_scale(scales: dict[str, dict]) -> Figure:
         colors = _model_colors(scales)
         if not any(s.get("points") for s in scales.values()):
             for ax in axes[0]:
-                _no_data(ax, "no super weight in any model:\nnothing to scale" if scales else "no scale results")
+                _no_data(ax, "none found:\nnothing to scale" if scales else "no scale results")
             if scales:
                 _legend(fig, [Line2D([], [], color=colors[n], lw=0, marker="o", label=f"{n}: none found") for n in scales])
             return fig
         for ax, (get, label) in zip(axes[0], ((lambda p: p["val"]["ppl"], "validation perplexity"),
                                                (lambda p: p["last_word_accuracy"], "last-word accuracy"))):
+            seen = []
             for name, sc in scales.items():
                 pts = sorted(sc.get("points") or [], key=lambda p: p["factor"])
                 if pts:
+                    seen += [get(p) for p in pts]
                     ax.plot([p["factor"] for p in pts], [get(p) for p in pts], color=colors[name], marker="o", ms=3.5)
             ax.axvline(1.0, color="0.5", ls=":", lw=0.9)
             ax.set_xlabel("super-weight scaling factor")
             ax.set_ylabel(label)
-        axes[0, 0].set_yscale("log")
-        axes[0, 1].set_ylim(bottom=0)
-        _percent_axis(axes[0, 1].yaxis)
+            (_log_if_wide if ax is axes[0, 0] else _accuracy_axis)(ax, seen)
         handles = [Line2D([], [], color=colors[n], marker="o", ms=3.5, lw=1.2 if sc.get("points") else 0,
                           label=n if sc.get("points") else f"{n}: none found") for n, sc in scales.items()]
         handles.append(Line2D([], [], color="0.5", ls=":", lw=0.9, label="factor 1 = original"))
@@ -206,7 +215,7 @@ def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
             if finite((q.get("baseline") or {}).get("ppl")):
                 ax.axhline(q["baseline"]["ppl"], color="0.4", ls=":", lw=0.9)
             ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
-            ax.set_yscale("log")
+            _log_if_wide(ax, [p["ppl"] for p in q["points"]] + [(q.get("baseline") or {}).get("ppl")])
             ax.set_xlabel("block size (elements)")
             ax.set_ylabel("validation perplexity")
         methods = sorted({p["method"] for q in quants.values() for p in q.get("points", [])}, key=list(SW_METHOD_STYLE).index)
@@ -230,8 +239,7 @@ SUPERWEIGHT_FIGURES: dict[str, Callable[[dict], Figure]] = {
 # ----------------------------------------------------------------------------------------------------------
 # Tables
 
-SUMMER = "Summer is hot. Winter is"
-STOPWORD_KEYS = {"the": "the", ".": "period", ",": "comma"}  # stopword -> CSV column suffix
+STOPWORD_KEYS = {"the": "the", ".": "period", ",": "comma"}  # probes.STOPWORDS -> CSV column suffix
 
 
 def superweight_summary_table(summary: pd.DataFrame) -> Table:
@@ -260,6 +268,11 @@ def superweight_summary_table(summary: pd.DataFrame) -> Table:
     return Table("superweight_summary", header, rows, summary.reset_index(drop=True), notes)
 
 
+def fmt_ppl(x) -> str:
+    """Perplexity with two decimals (quantization moves it by tenths), scientific when huge."""
+    return MISSING if not finite(x) else f"{x:.2f}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
 def _top(c: dict) -> tuple[str, float]:
     t = (c.get("top_tokens") or [{}])[0]
     return t.get("token", ""), t.get("prob", float("nan"))
@@ -268,7 +281,7 @@ def _top(c: dict) -> tuple[str, float]:
 def superweight_ablation_table(ablations: dict[str, dict]) -> Table:
     """Per model and condition: loss, perplexity, last-word accuracy, stopword probabilities, the top next token."""
     header = ["Model", "Condition", "Val. loss", "PPL", "Last-word acc."] + [f"P({w})" for w in STOPWORD_KEYS]
-    header.append(f'Top next token after "{SUMMER}"')
+    header.append(f'Top next token after "{SUMMER_PROMPT}"')
     rows, records, groups, notes = [], [], [], []
     for name, a in ablations.items():
         groups.append(len(rows))
@@ -279,7 +292,7 @@ def superweight_ablation_table(ablations: dict[str, dict]) -> Table:
                    "val_ppl": c["val"]["ppl"], "last_word_accuracy": c["last_word_accuracy"],
                    "n_prompts": c.get("n_prompts"), "top_token": token, "top_token_prob": prob}
             cells = [name, _condition_label(c["condition"]).replace("\n", " "), f"{c['val']['loss']:.4f}",
-                     fmt_num(c["val"]["ppl"]), fmt_pct(c["last_word_accuracy"], 1)]
+                     fmt_ppl(c["val"]["ppl"]), fmt_pct(c["last_word_accuracy"], 1)]
             for w, key in STOPWORD_KEYS.items():
                 p, ratio = (c.get("stopword_prob") or {}).get(w), (c.get("stopword_ratio") or {}).get(w)
                 rec[f"p_{key}"], rec[f"ratio_{key}"] = p, ratio
@@ -318,8 +331,8 @@ def superweight_quantize_table(quants: dict[str, dict]) -> Table:
         pts = pd.DataFrame(q.get("points") or [], columns=["bits", "block", "method", "z", "calib_mse", "loss", "ppl"])
         for (bits, method), g in pts.groupby(["bits", "method"], sort=False):
             by = dict(zip(g.block, g.ppl))
-            rows.append([name, str(bits), SW_METHOD_STYLE.get(method, ("", "", method))[2], fmt_num(base)]
-                        + [fmt_num(by[b]) if b in by else MISSING for b in blocks])
+            rows.append([name, str(bits), SW_METHOD_STYLE.get(method, ("", "", method))[2], fmt_ppl(base)]
+                        + [fmt_ppl(by[b]) if b in by else MISSING for b in blocks])
         for p in q.get("points") or []:
             records.append({"model": name, "bits": p["bits"], "block": p["block"], "method": p["method"], "z": p.get("z"),
                             "calib_mse": p.get("calib_mse"), "val_loss": p["loss"], "val_ppl": p["ppl"], "baseline_ppl": base})
@@ -333,16 +346,14 @@ def superweight_quantize_table(quants: dict[str, dict]) -> Table:
 
 def superweight_w8a8_table(quants: dict[str, dict]) -> Table:
     """W8A8 perplexity: naive vs super-activation aware activation quantization, per tensor and per token."""
-    keys = []
-    for q in quants.values():
-        keys += [(p["act_granularity"], p["method"]) for p in q.get("act_points") or [] if (p["act_granularity"], p["method"]) not in keys]
+    keys = list(dict.fromkeys((p["act_granularity"], p["method"]) for q in quants.values() for p in q.get("act_points") or []))
     label = {"naive": "naive", "sa_aware": "super-act. aware"}
     header = ["Model", "Unquantized"] + [f"W8A8 per-{g} {label.get(m, m)}" for g, m in keys]
     rows, records = [], []
     for name, q in quants.items():
         by = {(p["act_granularity"], p["method"]): p for p in q.get("act_points") or []}
-        rows.append([name, fmt_num((q.get("baseline") or {}).get("ppl"))]
-                    + [fmt_num(by[k]["ppl"]) if k in by else MISSING for k in keys])
+        rows.append([name, fmt_ppl((q.get("baseline") or {}).get("ppl"))]
+                    + [fmt_ppl(by[k]["ppl"]) if k in by else MISSING for k in keys])
         records += [{"model": name, "act_bits": p["act_bits"], "act_granularity": p["act_granularity"], "method": p["method"],
                      "n_super_activations": p["n_super_activations"], "val_loss": p["loss"], "val_ppl": p["ppl"]}
                     for p in q.get("act_points") or []]

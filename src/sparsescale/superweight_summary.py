@@ -32,13 +32,13 @@ SUMMARY_COLUMNS = (
     "n_echoes", "known_agrees", "rule", "threshold", "dtype",
 )
 NONE_FOUND = "none found"
-KINDS = ("detect", "ablation", "scale", "quantize")
-# The command that writes each file, for the messages naming a missing one.
+# The command that writes each result file, for the messages naming a missing one.
 MAKER = {"detect": "sparsescale superweight detect", "ablation": "sparsescale superweight ablate",
          "scale": "sparsescale superweight ablate", "quantize": "sparsescale superweight quantize"}
 
 
-def _read(path: Path, kind: str) -> dict:
+def read_result(path: Path, kind: str) -> dict:
+    """A per-model result JSON; a missing or broken one names the command that writes it."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -83,8 +83,7 @@ def summary_row(det: dict, name: str) -> dict:
         "model": name, "source": "sweep" if final else "checkpoint", "size": final.get("size", ""),
         "precision": str(final.get("precision") or q.get("weight_bits") or "fp"),
         "sparsity": float(final.get("sparsity", q.get("sparsity") or 0.0)),
-        "n_params": final.get("n_params", float("nan")), "n_layers": det.get("n_layers", len((det.get("profile") or {}).get("layers") or [])),
-        "n_super_weights": len(sws),
+        "n_params": final.get("n_params", float("nan")), "n_layers": det.get("n_layers"), "n_super_weights": len(sws),
         "coordinates": "; ".join(f"({s['layer']}, {s['row']}, {s['col']})" for s in sws) or NONE_FOUND,
         "max_spike_ratio": ratio, "spike_layer": layer, "max_input_ratio": r_in, "max_output_ratio": r_out,
         "kept_by_topk": kept, "n_kept_by_topk": n_kept, "n_echoes": len(det.get("echoes") or []),
@@ -101,7 +100,7 @@ def summarize(paths: list[str | Path], names: list[str] | None = None) -> pd.Dat
         raise UserError(f"--names gives {len(names)} names for {len(paths)} detect files: give one per file or none")
     if len(set(names)) != len(names):
         raise UserError(f"model names must be unique: got {names}; put each detect.json in its own folder or pass --names")
-    rows = [summary_row(_read(p, "detect"), n) for p, n in zip(paths, names)]
+    rows = [summary_row(read_result(p, "detect"), n) for p, n in zip(paths, names)]
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 

@@ -148,21 +148,10 @@ def interval(fit: dict | None, key: str) -> tuple[float, float] | None:
 
 
 def optimal_s(params: dict, form: str = "paper") -> float:
-    """S* = argmin_S A(S)(1-S)^alpha on [0, 0.999): a fine grid, then golden-section refinement.
+    """S* = argmin_S A(S)(1-S)^alpha (`scaling.optimal_sparsity`), for fit JSONs that lack `s_star`."""
+    from sparsescale.scaling import optimal_sparsity
 
-    Used only where a fit JSON lacks `s_star` and for the S* of the paper's printed constants.
-    """
-    grid = np.linspace(0.0, 0.999, 9991)
-    i = int(np.argmin(inference_cost_factor(params, grid, form)))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(60):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        if inference_cost_factor(params, a, form) < inference_cost_factor(params, b, form):
-            hi = b
-        else:
-            lo = a
-    return float((lo + hi) / 2.0)
+    return float(optimal_sparsity(params, form)["s_star"])
 
 
 def s_star_of(fit: dict) -> float:

@@ -3,7 +3,11 @@
     dense        the unconverted model (plain matmuls): the baseline
     topk_dense   the Q-Sparse model at S, normal forward (top-K, then a dense matmul): what training runs
     sparse       the same model with `kernels.enable_sparse_decode` (exact top-K + sparse GEMV)
+    kernel_s0    the sparse GEMV reading every row (a model converted at S = 0): sparse / kernel_s0 is the gain
+                 of sparsity alone, without the kernel's own streaming advantage over torch's dense GEMV
     threshold    (--threshold) calibrated magnitude thresholds instead of top-K: an approximation
+
+All variants share the dense model's parameters (only the W^T copies of the sparse path add memory).
 
 Decode time per token = (t(generate N new tokens) - t(generate 1)) / (N - 1), so the prefill is excluded;
 all variants are timed interleaved in one run (medians). Random weights: speed does not depend on them.
@@ -26,6 +30,7 @@ from sparsescale.config import check_sparsity
 from sparsescale.io import versions, write_json
 
 COLUMNS = ("sparsity", "dense_tok_s", "sparse_tok_s", "speedup", "topk_dense_tok_s", "topk_dense_speedup",
+           "kernel_s0_tok_s", "sparse_vs_kernel_s0", "ideal",
            "threshold_tok_s", "threshold_speedup", "threshold_sparsity_measured", "sparse_sparsity_measured",
            "tokens_equal", "size", "dtype", "threads", "kernel_threads", "new_tokens", "vocab_size", "dense_share_head",
            "extra_bytes")
@@ -50,6 +55,7 @@ def bench_decode(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threshold", action="store_true", help="also time calibrated-threshold mode (an approximation)")
     p.add_argument("--backend", default="auto", help="kernels backend: auto, numba, torch, triton")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernel vs cuBLAS)")
     p.add_argument("--threads", type=int, help="torch threads for every variant (default: torch's current)")
     p.add_argument("--kernel-threads", type=int, help="numba threads of the sparse GEMV (default: = torch's)")
     p.add_argument("--quick", action="store_true", help="size d12, 8 new tokens, 2 repeats: a short run")
@@ -64,24 +70,32 @@ def bench_decode(argv: list[str]) -> int:
     sparsities = [check_sparsity(s, "--sparsity") for s in a.sparsity]
     dtype = DTYPES[a.dtype]
     info = machine()
-    print(f"cpu: {info['cpu_model']} ({info['cpu_count']} cores), torch threads {info['torch_threads']}, kernel threads "
-          f"{a.kernel_threads or info['torch_threads']}, load average {info['loadavg'][0]:.1f} (shared machine)")
+    print(f"cpu: {info['cpu_model']} ({info['cpu_count']} cores), torch threads {info['torch_threads']}, "
+          f"kernel threads {a.kernel_threads or info['torch_threads']}, load average {info['loadavg'][0]:.1f} "
+          "(a shared machine: other jobs run alongside)")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, a.vocab_size, (1, a.prompt_len), generator=g)
-    dense = M.build(size, a.vocab_size, seed=0).to(dtype).eval()
+    ids = torch.randint(0, a.vocab_size, (1, a.prompt_len), generator=g).to(a.device)
+    dense = M.build(size, a.vocab_size, seed=0).to(dtype).to(a.device).eval()
     counts = M.param_counts(dense)
     head_share = 1.0 - counts["n_params"] / counts["n_params_total"]
     print(f"size {size}: N = {counts['n_params']:,} non-embedding parameters, {a.dtype}; embeddings + LM head "
           f"{head_share:.1%} of the weights (dense in every variant); {n_new} new tokens per call, batch 1")
+
+    def converted(s):  # new modules, the dense model's parameters (no copy)
+        return Q.convert(copy.deepcopy(dense, memo={id(p): p for p in dense.parameters()}), s)
+
+    s0 = converted(0.0)
+    K.enable_sparse_decode(s0, backend=a.backend, threads=a.kernel_threads)
     rows = []
     for s in sparsities:
-        sparse = Q.convert(copy.deepcopy(dense), s)
+        sparse = converted(s)
         decode = K.enable_sparse_decode(sparse, backend=a.backend, threads=a.kernel_threads)
         fns = {}
-        variants = {"dense": (dense, None), "topk_dense": (sparse, decode.paused), "sparse": (sparse, None)}
+        variants = {"dense": (dense, None), "topk_dense": (sparse, decode.paused), "sparse": (sparse, None),
+                    "kernel_s0": (s0, None)}
         if a.threshold:
-            thr_model = Q.convert(copy.deepcopy(dense), s)
-            calib = torch.randint(0, a.vocab_size, (4, 64), generator=g)
+            thr_model = converted(s)
+            calib = torch.randint(0, a.vocab_size, (4, 64), generator=g).to(a.device)
             thr = K.enable_sparse_decode(thr_model, "threshold", a.backend, K.calibrate_thresholds(thr_model, calib),
                                          threads=a.kernel_threads)
             variants["threshold"] = (thr_model, None)
@@ -92,12 +106,13 @@ def bench_decode(argv: list[str]) -> int:
                     run = (lambda r=run, c=ctx: _in(c, r))
                 fns[(name, n)] = run
         outs = {name: fns[(name, n_new)]() for name in variants}  # also the warm-up / compile
-        ms = interleaved_median_ms(fns, repeats=repeats, warmup=1)
+        ms = interleaved_median_ms(fns, repeats=repeats, warmup=1, device=a.device)
         tok_s = {name: (n_new - 1) / max(1e-9, (ms[(name, n_new)] - ms[(name, 1)]) / 1e3) for name in variants}
         decode_stats = decode.stats()
         row = {"sparsity": s, "dense_tok_s": tok_s["dense"], "sparse_tok_s": tok_s["sparse"],
                "speedup": tok_s["sparse"] / tok_s["dense"], "topk_dense_tok_s": tok_s["topk_dense"],
-               "topk_dense_speedup": tok_s["topk_dense"] / tok_s["dense"],
+               "topk_dense_speedup": tok_s["topk_dense"] / tok_s["dense"], "kernel_s0_tok_s": tok_s["kernel_s0"],
+               "sparse_vs_kernel_s0": tok_s["sparse"] / tok_s["kernel_s0"], "ideal": 1.0 / (1.0 - s),
                "threshold_tok_s": tok_s.get("threshold", float("nan")),
                "threshold_speedup": tok_s.get("threshold", float("nan")) / tok_s["dense"],
                "threshold_sparsity_measured": thr.stats()["sparsity_measured"] if a.threshold else float("nan"),
@@ -112,13 +127,17 @@ def bench_decode(argv: list[str]) -> int:
               f"({row['speedup']:.2f}x)" + (f" | threshold {row['threshold_tok_s']:.2f} tok/s "
                                             f"({row['threshold_speedup']:.2f}x, measured S "
                                             f"{row['threshold_sparsity_measured']:.2f})" if a.threshold else ""))
+        print(f"        sparse GEMV at S=0 {tok_s['kernel_s0']:.2f} tok/s: sparse / S=0 = "
+              f"{row['sparse_vs_kernel_s0']:.2f}x "
+              f"(ideal {row['ideal']:.2f}x for the sparsified weights; embeddings, LM head, attention stay)")
         print(f"        tokens equal (sparse vs top-K dense): {row['tokens_equal']}; W^T copies "
               f"{decode.extra_bytes / 2**20:.0f} MiB extra memory")
-        del sparse, decode, fns, variants
+        del sparse, decode, fns, variants, outs
     if a.out:
         _write_csv(a.out, rows, COLUMNS)
         write_json(f"{os.path.splitext(a.out)[0]}.json", {
-            "benchmark": "decode", "backend": a.backend, "repeats": repeats, "prompt_len": a.prompt_len,
+            "benchmark": "decode", "backend": a.backend, "device": a.device, "repeats": repeats,
+            "prompt_len": a.prompt_len,
             "machine": info, "loadavg_end": os.getloadavg(), "rows": rows, "versions": versions()})
         print(f"wrote {a.out}")
     return 0

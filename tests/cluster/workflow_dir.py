@@ -1,0 +1,49 @@
+"""Run the project's Snakemake workflow from a private working directory (tests only).
+
+Snakemake keeps its lock, metadata and `logs/` relative to the working directory, so every test gets its own:
+a folder holding symlinks to the repository's Snakefile, workflow/, config/ and tests/ (the fixture corpus),
+in which `results/` and `logs/` are the test's alone. Used by tests/test_faults.py and tests/cluster/.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LINKED = ("Snakefile", "workflow", "config", "tests")
+
+
+def make_workdir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        if not (path / name).exists():
+            (path / name).symlink_to(REPO / name)
+    return path
+
+
+def env(**extra: str) -> dict:
+    """os.environ with the interpreter's bin/ first on PATH (the rules call `sparsescale`), plus `extra`."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
+def snakemake_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args]
+
+
+def snakemake(workdir: str | os.PathLike, *args: str, extra_env: dict | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in `workdir`; returns the finished process (stdout and stderr captured, together)."""
+    return subprocess.run(snakemake_cmd(*args), cwd=workdir, env=env(**(extra_env or {})), timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_runs(path: str | os.PathLike) -> dict[str, dict]:
+    """runs.csv as {run_id: row}, numbers as written (strings)."""
+    with open(path, newline="") as f:
+        return {row["run_id"]: row for row in csv.DictReader(f)}
