@@ -65,17 +65,18 @@ def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
-_numba_kernel = None
+_numba_kernels: dict[bool, object] = {}
 
 
-def _get_numba_kernel():
+def _get_numba_kernel(parallel: bool = False):
     """Compile (once, cached on disk) the masking pass of the CPU path: given the k-th largest magnitude of
-    every row, keep the entries above it and the first ties, so that exactly k entries survive."""
-    global _numba_kernel
-    if _numba_kernel is None:
+    every row, keep the entries above it and the first ties, so that exactly k entries survive.
+
+    A serial and a parallel build: with one thread the serial one is used, because an OpenMP pool that was
+    started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep."""
+    if parallel not in _numba_kernels:
         import numba
 
-        @numba.njit(parallel=True, cache=True)
         def mask_rows(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x| per row
             R, D = x.shape
             for r in numba.prange(R):
@@ -94,17 +95,18 @@ def _get_numba_kernel():
                     else:
                         out[r, j] = 0.0
 
-        _numba_kernel = mask_rows
-    return _numba_kernel
+        _numba_kernels[parallel] = numba.njit(parallel=parallel, cache=True)(mask_rows)
+    return _numba_kernels[parallel]
 
 
-def _match_threads() -> None:
-    """Use as many numba threads as torch does: idle-spinning extra threads on a busy CPU cost 10x."""
+def _threads() -> int:
+    """Threads for the CPU kernel: as many as torch uses (capped by numba's pool)."""
     import numba
 
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+    if want > 1 and numba.get_num_threads() != want:
         numba.set_num_threads(want)
+    return want
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
@@ -123,10 +125,9 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
         return x
     if _numba_ok(x):
         try:
-            kernel = _get_numba_kernel()
+            kernel = _get_numba_kernel(parallel=_threads() > 1)
         except ImportError:  # numba missing: torch path
             return _topk_torch(x, k)
-        _match_threads()
         x2 = x.detach().reshape(-1, d).contiguous().numpy()  # (R, D), shares memory
         thr = np.partition(np.abs(x2), d - k, axis=1)[:, d - k].copy()  # (R,) k-th largest magnitude
         out = torch.empty(x2.shape, dtype=x.dtype)
