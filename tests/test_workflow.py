@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -102,14 +103,17 @@ def test_lint_and_format_clean():
     assert f.returncode == 0, f.stdout + f.stderr
 
 
-@pytest.mark.parametrize("override,key", [
-    ("sweep={'sizes':['d2'],'sparsity':[1.2],'precision':['fp'],'seeds':[0]}", "1.2"),
-    ("sweep={'sizes':['d99'],'sparsity':[0.5],'precision':['fp'],'seeds':[0]}", "d99"),
-    ("sweep={'sizes':['d2'],'sparsity':[0.5],'precision':['2bit'],'seeds':[0]}", "2bit"),
+@pytest.mark.parametrize("sweep,key", [
+    ({"sizes": ["d2"], "sparsity": [1.2], "precision": ["fp"], "seeds": [0]}, "1.2"),
+    ({"sizes": ["d99"], "sparsity": [0.5], "precision": ["fp"], "seeds": [0]}, "d99"),
+    ({"sizes": ["d2"], "sparsity": [0.5], "precision": ["2bit"], "seeds": [0]}, "2bit"),
 ])
-def test_bad_config_fails_at_startup(tmp_path, override, key):
+def test_bad_config_fails_at_startup(tmp_path, sweep, key):
+    # a config file, not --config: on the command line Snakemake keeps nested values as strings
     wd = copy_workflow(tmp_path)
-    p = snakemake("--configfile", "config/smoke.yaml", "-n", "--config", override, cwd=wd, check=False)
+    (wd / "bad.yaml").write_text(yaml.safe_dump({"sweep": sweep}))
+    p = snakemake("--configfile", "config/smoke.yaml", "bad.yaml", "-n", cwd=wd, check=False)
     assert p.returncode != 0
-    assert key in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert key in out and "On instance['sweep']" in out, out[-3000:]
     assert not (wd / "results").exists()

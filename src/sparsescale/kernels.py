@@ -12,7 +12,7 @@ Features
     W^T in transparent huge pages (few TLB misses when jumping between rows); output columns split in
     blocks, one per thread (each thread owns a slice of y and streams that slice of every active row), active
     rows unrolled by 8; bf16 is read as uint16 and widened to fp32 in registers (`_to_f32`). threads=1 runs
-    on the calling thread (no pool to wake); more use numba's workqueue layer (see `_prefer_workqueue`).
+    on the calling thread (no pool to wake); more use numba's workqueue layer (see `prefer_workqueue`).
   triton (CUDA): programs over (column block, slice of the active list), fp32 atomics into y; the active
     count stays on the device (no host sync). Chosen by `auto` on CUDA when triton imports.
   torch (anything): a portable reference: index_select of the active rows, then a matmul (a gather copy;
@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover
     HAVE_NUMBA = False
 
 
-def _prefer_workqueue() -> None:
+def prefer_workqueue() -> None:
     """numba's OpenMP threading layer loads the system libgomp beside torch's own and resets torch's thread
     count (torch.get_num_threads() jumps to the core count after the first parallel numba call, whatever
     torch.set_num_threads said); its two spinning thread pools also fight for the cores. numba's own
@@ -72,7 +72,7 @@ def _prefer_workqueue() -> None:
 
 
 if HAVE_NUMBA:
-    _prefer_workqueue()
+    prefer_workqueue()
 
 try:  # only on CUDA machines (pyproject extra "gpu")
     import triton

@@ -591,16 +591,24 @@ def cli_figures(argv: list[str]) -> int:
     ap.add_argument("--spike-profile", default=None, help="super-weight spike profile JSON -> fig8_spike_profile")
     ap.add_argument("--bench", default=None, help="GEMV benchmark CSV -> fig9_speedup")
     args = ap.parse_args(argv)
-    names = None
+    names = list(FIGURES) + [n for n, (attr, _) in OPTIONAL_FIGURES.items() if getattr(args, attr)]
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in FIGURES]
+        unknown = [n for n in names if n not in FIGURES and n not in OPTIONAL_FIGURES]
         if unknown:
-            raise UserError(f"unknown figure {unknown[0]!r} in --only: choose from {', '.join(FIGURES)}")
-    results = load_results(args.runs, args.fit_dir, args.curves)
-    paths = make_figures(results, args.out, args, names, args.dpi)
-    for name, (attr, draw) in OPTIONAL_FIGURES.items():
-        if getattr(args, attr):
+            raise UserError(f"unknown figure {unknown[0]!r} in --only: choose from "
+                            f"{', '.join([*FIGURES, *OPTIONAL_FIGURES])}")
+        for n in names:
+            attr = OPTIONAL_FIGURES.get(n, (None,))[0]
+            if attr and not getattr(args, attr):
+                raise UserError(f"--only {n} needs its input: pass --{attr.replace('_', '-')} FILE")
+    paths = []
+    core = [n for n in names if n in FIGURES]
+    if core:  # the sweep's figures need the runs table and the fits; the optional ones only their own file
+        paths += make_figures(load_results(args.runs, args.fit_dir, args.curves), args.out, args, core, args.dpi)
+    for name in names:
+        if name in OPTIONAL_FIGURES:
+            attr, draw = OPTIONAL_FIGURES[name]
             paths += save_figure(draw(getattr(args, attr)), args.out, name, args.dpi)
     for path in paths:
         print(path)

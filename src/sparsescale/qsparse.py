@@ -104,6 +104,10 @@ def _threads() -> int:
     import numba
 
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if want > 1:
+        from sparsescale.kernels import prefer_workqueue
+
+        prefer_workqueue()  # before numba starts its pool: workqueue, not a second OpenMP beside torch's
     if want > 1 and numba.get_num_threads() != want:
         numba.set_num_threads(want)
     return want

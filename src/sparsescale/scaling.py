@@ -195,8 +195,9 @@ def validate_runs(runs, what: str = "runs"):
             runs[col] = runs[col].astype(float)
         except (TypeError, ValueError):
             raise UserError(f"{what}: column {col} must be numeric: got values like {runs[col].iloc[0]!r}") from None
-    for col in ("n_params", "sparsity"):
-        bad = runs[col].isna() | ~np.isfinite(runs[col])
+    failed = runs["val_loss"].isna() | np.isinf(runs["val_loss"])  # failed or diverged runs
+    for col in ("n_params", "sparsity"):  # a run listed as missing (aggregate: from failed.json) may lack n_params
+        bad = ~failed & (runs[col].isna() | ~np.isfinite(runs[col]))
         if bad.any():
             raise UserError(
                 f"{what}: column {col} has {int(bad.sum())} NaN/missing value(s) (row {int(np.flatnonzero(bad.to_numpy())[0])}): fill them in or drop those runs"
@@ -206,7 +207,6 @@ def validate_runs(runs, what: str = "runs"):
     bad_s = runs["sparsity"][(runs["sparsity"] < 0) | (runs["sparsity"] >= 1)]
     if len(bad_s):
         raise UserError(f"sparsity must be in [0, 1): got {bad_s.iloc[0]:g} ({what})")
-    failed = runs["val_loss"].isna() | np.isinf(runs["val_loss"])  # failed or diverged runs
     keep = [c for c in ("run_id", "precision", "n_params", "sparsity", "seed", "val_loss") if c in runs.columns]
     missing = runs.loc[failed, keep].astype(object).where(runs.loc[failed, keep].notna(), None).to_dict("records")
     runs = runs[~failed]

@@ -209,7 +209,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
             pid = self._pid(daemon)
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 return pid
             time.sleep(0.1)
         raise RuntimeError(f"{daemon} did not start within {timeout:.0f}s; its log:\n{_tail(self.logfile(daemon))}")
@@ -262,7 +262,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Cancel our jobs, stop the daemons we started (slurmd, slurmctld, munged), remove our /etc links."""
-        if self.started.get("slurmctld") and _alive(self.started["slurmctld"]):
+        if self.started.get("slurmctld") and alive(self.started["slurmctld"]):
             ids = self.jobs()
             if ids:
                 self.run("scancel", *ids, check=False)
@@ -271,13 +271,13 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                     time.sleep(0.5)
         for daemon in reversed(DAEMONS):
             pid = self.started.pop(daemon, None)
-            if pid is None or not _alive(pid):
+            if pid is None or not alive(pid):
                 continue
             os.kill(pid, signal.SIGTERM)
             t_end = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < t_end:
+            while alive(pid) and time.monotonic() < t_end:
                 time.sleep(0.1)
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.unlink_system_conf()
         if self.owns_base and not self.started:
@@ -290,7 +290,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         self.stop()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -328,5 +328,5 @@ if __name__ == "__main__":  # by hand: python tests/cluster/slurm.py up|down|sta
     else:
         for d in DAEMONS:
             pid = cluster._pid(d)
-            print(f"{d:10s} {pid} {'alive' if pid and _alive(pid) else 'dead'}")
+            print(f"{d:10s} {pid} {'alive' if pid and alive(pid) else 'dead'}")
         print(cluster.run("sinfo", check=False) + cluster.run("squeue", check=False))

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm import SYS_CONF, Cluster, _alive, unavailable
-from workflow_dir import env, make_workdir, read_runs, snakemake_cmd
-
-FAULT_HOOK = Path(__file__).parent / "fault_hook"
+from slurm import SYS_CONF, Cluster, alive, unavailable
+from workflow_dir import env, fault_env, make_workdir, read_runs, snakemake_cmd
 
 pytestmark = pytest.mark.cluster
 
@@ -44,7 +42,7 @@ def slurm_cluster():
     yield cluster
     cluster.stop()
     # the harness stops what it started, and only that
-    assert [d for d, p in pids.items() if _alive(p)] == []
+    assert [d for d, p in pids.items() if alive(p)] == []
     assert not (SYS_CONF.is_symlink() and Path(os.readlink(SYS_CONF)) == cluster.conf)
     assert not cluster.base.exists()
 
@@ -52,14 +50,14 @@ def slurm_cluster():
 def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     t0 = time.monotonic()
     local_dir, slurm_dir = make_workdir(tmp_path / "local"), make_workdir(tmp_path / "slurm")
-    # the reference: same configs, local executor, only as far as the runs table
+    # the reference: same configs, local executor, only the training runs (their final.json hold the losses)
     local = subprocess.Popen(snakemake_cmd("--cores", "1", *CONFIGS, "--workflow-profile", "workflow/profiles/default",
-                                           "results/smoke/tables/runs.csv"),
+                                           *[f"results/smoke/runs/{rid}/final.json" for rid in RUN_IDS]),
                              cwd=local_dir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # a fault: the first training job to write its second checkpoint is SIGKILLed (once); the profile's
     # `retries` resubmits it with more memory and time, and it resumes from that checkpoint
-    faults = {"PYTHONPATH": str(FAULT_HOOK), "SPARSESCALE_FAULT": "after:step_00000002.pt.sha256:kill",
-              "SPARSESCALE_FAULT_MARKER": str(tmp_path / "killed.pid"), "SLURM_CONF": str(slurm_cluster.conf)}
+    faults = {**fault_env("after:step_00000002.pt.sha256:kill", tmp_path / "killed.pid"),
+              "SLURM_CONF": str(slurm_cluster.conf)}
     slurm = subprocess.run(
         snakemake_cmd(*CONFIGS, "--workflow-profile", "workflow/profiles/slurm",
                       "--slurm-init-seconds-before-status-checks", "3",  # 40 s by default: fine on a cluster, slow here
@@ -71,16 +69,15 @@ def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert local.returncode == 0, local_out[-4000:]
 
     # same runs, same losses (CPU training is deterministic, a resumed run equals an uninterrupted one)
-    got = read_runs(slurm_dir / "results/smoke/tables/runs.csv")
-    want = read_runs(local_dir / "results/smoke/tables/runs.csv")
-    assert sorted(got) == sorted(want) == RUN_IDS
+    rows = read_runs(slurm_dir / "results/smoke/tables/runs.csv")
+    assert sorted(rows) == RUN_IDS and all(r["status"] == "ok" for r in rows.values())
     resumed = {}
     for rid in RUN_IDS:
-        assert got[rid]["status"] == "ok"
-        assert float(got[rid]["val_loss"]) == float(want[rid]["val_loss"]), rid
-        final = json.loads((slurm_dir / f"results/smoke/runs/{rid}/final.json").read_text())
-        assert final["device"] == "cpu"  # asked SLURM for a GPU, got a fake one, trained on the CPU
-        resumed[rid] = final["resumed_from_step"]
+        got = json.loads((slurm_dir / f"results/smoke/runs/{rid}/final.json").read_text())
+        want = json.loads((local_dir / f"results/smoke/runs/{rid}/final.json").read_text())
+        assert got["val_loss"] == want["val_loss"], rid  # bit for bit
+        assert got["device"] == "cpu"  # asked SLURM for a GPU, got a fake one, trained on the CPU
+        resumed[rid] = got["resumed_from_step"]
     assert sorted(resumed.values()) == [0] * (len(RUN_IDS) - 1) + [2], resumed
     killed = next(rid for rid, step in resumed.items() if step == 2)
     fit = json.loads((slurm_dir / "results/smoke/fit/fit_fp.json").read_text())
@@ -88,8 +85,8 @@ def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
 
     # every job went through SLURM, each training job with one GPU; the killed one twice, the second
     # time with 1.5x the memory and time (the rules scale mem_mb and runtime by the attempt number)
-    jobs = [line.split("|") for line in slurm_cluster.run(
-        "squeue", "-h", "-t", "all", "-O", "JobID:|,State:|,tres-per-job:|,MinMemory:|,TimeLimit:|,Comment:").splitlines()]
+    fields = "JobID:|,State:|,tres-per-job:|,MinMemory:|,TimeLimit:|,Comment:"
+    jobs = [line.split("|") for line in slurm_cluster.run("squeue", "-h", "-t", "all", "-O", fields).splitlines()]
     by_rule = {}
     for jid, state, tres, mem, limit, comment in jobs:
         by_rule.setdefault(comment.split("_wildcards_")[0], []).append((state, tres, mem, limit, comment))

@@ -2,7 +2,8 @@
 
 Snakemake keeps its lock, metadata and `logs/` relative to the working directory, so every test gets its own:
 a folder holding symlinks to the repository's Snakefile, workflow/, config/ and tests/ (the fixture corpus),
-in which `results/` and `logs/` are the test's alone. Used by tests/test_faults.py and tests/cluster/.
+in which `results/` and `logs/` are the test's alone; `fault_env` arms tests/cluster/fault_hook in its jobs.
+Used by tests/test_faults.py and tests/cluster/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LINKED = ("Snakefile", "workflow", "config", "tests")
+FAULT_HOOK = Path(__file__).resolve().parent / "fault_hook"  # sitecustomize.py: see its docstring
 
 
 def make_workdir(path: str | os.PathLike) -> Path:
@@ -30,6 +32,12 @@ def env(**extra: str) -> dict:
     """os.environ with the interpreter's bin/ first on PATH (the rules call `sparsescale`), plus `extra`."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
+def fault_env(spec: str, marker: str | os.PathLike) -> dict:
+    """Environment that arms the fault hook in every Python process started with it (jobs included)."""
+    path = os.pathsep.join(p for p in (str(FAULT_HOOK), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "SPARSESCALE_FAULT": spec, "SPARSESCALE_FAULT_MARKER": str(marker)}
 
 
 def snakemake_cmd(*args: str) -> list[str]:

@@ -1,4 +1,6 @@
-# Benchmarks (not part of `all`): `snakemake --cores all bench_inference`.
+# Benchmarks (not part of `all`): `snakemake --cores all bench_inference`. Batch-1 sparse GEMV and decode
+# on this machine; the GEMV rows are the results table (inference.csv), drawn as speedup vs S against the
+# ideal 1/(1-S). Machine and versions go next to each CSV (same name + .json).
 
 
 rule bench_inference:
@@ -6,6 +8,12 @@ rule bench_inference:
         gemv=f"{R}/bench/gemv.csv",
         decode=f"{R}/bench/decode.csv",
         csv=f"{R}/bench/inference.csv",
+        png=report(
+            f"{R}/bench/figures/fig9_speedup.png",
+            caption="../report/fig9_speedup.rst",
+            category="Sparse inference",
+        ),
+        pdf=f"{R}/bench/figures/fig9_speedup.pdf",
     log:
         "logs/bench_inference.log",
     conda:
@@ -14,7 +22,9 @@ rule bench_inference:
     params:
         gemv=config.get("bench", {}).get("gemv_args", ""),
         decode=config.get("bench", {}).get("decode_args", ""),
+        figures=lambda wc, output: os.path.dirname(output.png),
     shell:
         "(sparsescale bench gemv {params.gemv} --out {output.gemv} && "
         "sparsescale bench decode {params.decode} --out {output.decode} && "
-        "cp {output.gemv} {output.csv}) > {log} 2>&1"
+        "cp {output.gemv} {output.csv} && cp {output.gemv}.json {output.csv}.json && "
+        "sparsescale figures --only fig9_speedup --bench {output.csv} --out {params.figures}) > {log} 2>&1"

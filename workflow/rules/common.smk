@@ -159,6 +159,10 @@ def table_names():
 
 def all_targets():
     targets = [f"{R}/tables/runs.csv", f"{R}/fit/optimal_sparsity.json"]
+    # every run's final.json and eval.json by name: Snakemake >= 9 reruns a job whose output was deleted only
+    # if a target asks for that file (downstream files that are present and newer do not)
+    targets += [f"{R}/runs/{rid}/final.json" for rid in all_runs() if not failed(rid)]
+    targets += finished_or_pending()
     targets += expand(f"{R}/fit/fit_{{p}}.json", p=precisions())
     if config["figures"].get("enabled", True):
         targets += expand(f"{R}/figures/{{name}}.png", name=figure_names())

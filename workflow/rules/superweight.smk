@@ -17,6 +17,8 @@ rule superweight_detect:
         "logs/superweight/{name}/detect.log",
     wildcard_constraints:
         name=SW_NAME,
+    conda:
+        ENV
     threads: 1
     resources:
         **SW_RESOURCES,
@@ -40,6 +42,8 @@ rule superweight_ablate:
         "logs/superweight/{name}/ablate.log",
     wildcard_constraints:
         name=SW_NAME,
+    conda:
+        ENV
     threads: 1
     resources:
         **SW_RESOURCES,
@@ -63,6 +67,8 @@ rule quantize_sweep:
         "logs/superweight/{name}/quantize.log",
     wildcard_constraints:
         name=SW_NAME,
+    conda:
+        ENV
     threads: 1
     resources:
         **SW_RESOURCES,
@@ -89,6 +95,8 @@ rule superweight_summary:
         f"{SW}/summary.csv",
     log:
         "logs/superweight/summary.log",
+    conda:
+        ENV
     shell:
         "sparsescale superweight summarize --detect {input.detect} --out {output} > {log} 2>&1"
 
@@ -113,9 +121,11 @@ rule superweight_figures:
         pdfs=expand(f"{SW}/figures/{{fig}}.pdf", fig=SW_FIGURES),
     log:
         "logs/superweight/figures.log",
+    conda:
+        ENV
     params:
         dirs=sw_dirs(),
-        out=f"{SW}/figures",
+        out=lambda wc, output: os.path.dirname(output.pngs[0]),
         dpi=config["figures"].get("dpi", 200),
     shell:
         "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --figures {params.out} "
@@ -143,9 +153,11 @@ rule superweight_tables:
         csv=expand(f"{SW}/tables/{{table}}.csv", table=SW_TABLES),
     log:
         "logs/superweight/tables.log",
+    conda:
+        ENV
     params:
         dirs=sw_dirs(),
-        out=f"{SW}/tables",
+        out=lambda wc, output: os.path.dirname(output.md[0]),
     shell:
         "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --tables {params.out} "
         "> {log} 2>&1"
