@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_CPU ?= torch==2.13.0
 CORES ?= all
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 ifdef VIRTUAL_ENV
 BIN := $(VIRTUAL_ENV)/bin
