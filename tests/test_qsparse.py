@@ -153,3 +153,34 @@ def test_measured_sparsity_weighted():
 def test_bad_arguments(kwargs, msg):
     with pytest.raises(UserError, match=msg):
         Q.convert(M.build("d1", VOCAB), **kwargs)
+
+
+_THREADS_PROBE = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from numba.np.ufunc import parallel
+from sparsescale.qsparse import topk_sparsify
+y = topk_sparsify(torch.randn(32, 96), 40)
+assert int((y != 0).sum()) == 32 * 40
+print(torch.get_num_threads(), int(parallel._is_initialized))
+"""
+
+
+def test_one_thread_never_starts_numba_pool_even_with_parallel_build_cached(tmp_path):
+    """A sweep job with --threads 1 must stay on one core: no thread pool, torch's thread count untouched,
+    also when the disk cache already holds the parallel build (a 2-thread job compiled it first)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "1"}
+
+    def probe(threads):
+        p = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(threads)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.split()
+
+    assert probe(2) == ["2", "1"]  # two threads: the parallel build, its pool started
+    assert probe(1) == ["1", "0"]  # then one thread: the serial build from the cache, no pool
+    assert probe(1) == ["1", "0"]

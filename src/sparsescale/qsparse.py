@@ -73,29 +73,44 @@ def _get_numba_kernel(parallel: bool = False):
     every row, keep the entries above it and the first ties, so that exactly k entries survive.
 
     A serial and a parallel build: with one thread the serial one is used, because an OpenMP pool that was
-    started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep."""
+    started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep. The two are
+    separate functions on purpose: numba's disk cache is keyed by the function's name, not by `parallel`, so
+    one function compiled both ways would load the parallel machine code into a serial caller (and start the
+    pool anyway, resetting torch's thread count)."""
     if parallel not in _numba_kernels:
         import numba
 
-        def mask_rows(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x| per row
-            R, D = x.shape
-            for r in numba.prange(R):
-                t = thr[r]
-                n_gt = 0
-                for j in range(D):
-                    n_gt += abs(x[r, j]) > t
-                ties = k - n_gt
-                for j in range(D):
-                    v = abs(x[r, j])
-                    if v > t:
-                        out[r, j] = x[r, j]
-                    elif v == t and ties > 0:
-                        out[r, j] = x[r, j]
-                        ties -= 1
-                    else:
-                        out[r, j] = 0.0
+        @numba.njit(cache=True, inline="always")
+        def mask_row(x, t, k, out, r):  # row r of x, out: keep |x| > t, then the first ties, k in all
+            D = x.shape[1]
+            n_gt = 0
+            for j in range(D):
+                n_gt += abs(x[r, j]) > t
+            ties = k - n_gt
+            for j in range(D):
+                v = abs(x[r, j])
+                if v > t:
+                    out[r, j] = x[r, j]
+                elif v == t and ties > 0:
+                    out[r, j] = x[r, j]
+                    ties -= 1
+                else:
+                    out[r, j] = 0.0
 
-        _numba_kernels[parallel] = numba.njit(parallel=parallel, cache=True)(mask_rows)
+        if parallel:
+            @numba.njit(parallel=True, cache=True)
+            def mask_rows_parallel(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x|
+                for r in numba.prange(x.shape[0]):
+                    mask_row(x, thr[r], k, out, r)
+
+            _numba_kernels[True] = mask_rows_parallel
+        else:
+            @numba.njit(cache=True)
+            def mask_rows_serial(x, thr, k, out):
+                for r in range(x.shape[0]):
+                    mask_row(x, thr[r], k, out, r)
+
+            _numba_kernels[False] = mask_rows_serial
     return _numba_kernels[parallel]
 
 
