@@ -106,6 +106,19 @@ def test_missing_precision_and_card_form(inputs, tmp_path):
     assert "1.58-bit: no fit" in md and "card form" in md
 
 
+def test_no_finite_optimum_renders_s_star_100_and_no_n_over_na(inputs, tmp_path):
+    """A fit whose A(S)(1-S)^alpha falls all the way to S = 1 (beta <= 0): S* = 100%, N/N_a absent, no crash."""
+    fit = read_json(inputs["fit_dir"] / "fit_fp.json")
+    fit.update(s_star=1.0, n_over_na=None, s_star_ci=[0.0, 1.0], n_over_na_ci=[1.0, None])
+    fit["params"]["beta"] = -2.0
+    write_json(tmp_path / "fit_fp.json", fit)
+    df = csv_frame(T.fit_constants_table(T.read_fits(tmp_path)))
+    fp = df[df.precision == "fp"].set_index("quantity")
+    assert fp.loc["s_star", "value"] == 1.0
+    assert math.isnan(fp.loc["n_over_na", "value"])
+    assert "100.00%" in T.to_markdown(T.fit_constants_table(T.read_fits(tmp_path)))
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 

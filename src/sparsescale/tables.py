@@ -288,7 +288,10 @@ def _fit_value(fit: dict | None, prec: str, key: str):
     if key == "s_star":
         return s_star_of(fit), interval(fit, key), paper
     value = fit.get("n_over_na")
-    return (float(value) if finite(value) else 1.0 / (1.0 - s_star_of(fit))), interval(fit, key), paper
+    if not finite(value):  # from S*; none where S* = 1 (no finite optimum: the fit's warnings say why)
+        s_star = s_star_of(fit)
+        value = 1.0 / (1.0 - s_star) if finite(s_star) and s_star < 1 else None
+    return (float(value) if value is not None else None), interval(fit, key), paper
 
 
 def fit_constants_table(fits: dict[str, dict | None], optimal: dict | None = None) -> Table:
