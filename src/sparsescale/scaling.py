@@ -740,7 +740,10 @@ def cli_fit(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     ap.add_argument("--jobs", type=int, default=None, help="worker processes for the bootstrap (default: all cores)")
     ap.add_argument("--precision", default=None, help="fit only this precision (fp or 1.58)")
-    ap.add_argument("--starts", type=int, default=None, help="L-BFGS-B starts: the best of the 432-point grid (default: all)")
+    ap.add_argument("--starts", type=int, default=64,
+                    help="L-BFGS-B starts: the best of the 432-point grid by starting objective (default 64; 0 = all). "
+                         "On the default sweep's 16-run tables 64 starts reach the all-start optimum to 1e-10 "
+                         "(relative objective) in 1/5 of the time")
     ap.add_argument("--mode", default="scratch",
                     help="fit only runs of this training mode when the table has a `mode` column (default: scratch; "
                          "continue/finetune runs start from a trained model and do not follow the law)")
@@ -755,7 +758,7 @@ def cli_fit(argv: list[str]) -> int:
         if not (runs["mode"] == args.mode).any():
             raise UserError(f"{args.runs} has no runs with mode={args.mode!r} (modes: {sorted(runs['mode'].dropna().unique())})")
         runs = runs[runs["mode"] == args.mode]
-    reports = fit_all(runs, args.form, args.bootstrap, args.seed, args.jobs, precision=args.precision, n_starts=args.starts)
+    reports = fit_all(runs, args.form, args.bootstrap, args.seed, args.jobs, precision=args.precision, n_starts=args.starts or None)
     for p, rep in reports.items():
         for w in rep["warnings"]:
             print(f"warning [{p}]: {w}", file=sys.stderr)
