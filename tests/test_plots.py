@@ -89,6 +89,17 @@ def test_fig2_marks_dense_loss_per_size(results):
     np.testing.assert_allclose(hlines, sorted(dense.values), rtol=1e-12)
 
 
+def test_fig2_frames_the_measured_losses_not_the_extrapolated_law(results):
+    """A law that shoots up past the largest measured S must not squash the data (seen on the default sweep)."""
+    fits = {p: dict(f, params=dict(f["params"], C=f["params"]["C"] * 1e6)) for p, f in results.fits.items() if f}
+    fig = P.plot_loss_vs_sparsity(results.runs, fits)
+    lo, hi = fig.axes[0].get_ylim()
+    y = results.runs.groupby(["precision", "n_params", "sparsity"]).val_loss
+    ymin, ymax = (y.mean() - y.std().fillna(0)).min(), (y.mean() + y.std().fillna(0)).max()
+    pad = max(0.5 * (ymax - ymin), 0.05)
+    assert lo == pytest.approx(ymin - pad) and hi == pytest.approx(ymax + pad)
+
+
 def test_fig3_marks_fitted_and_paper_s_star(results):
     fig = P.plot_optimal_sparsity(results.fits)
     ax = fig.axes[0]

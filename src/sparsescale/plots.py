@@ -222,6 +222,11 @@ def plot_loss_vs_sparsity(runs: pd.DataFrame, fits: dict) -> Figure:
             ax.set_xlabel(S_LABEL)
             ax.tick_params(labelleft=True)
         axes[0, 0].set_ylabel(LOSS_LABEL)
+        if not cells.empty:  # frame the measured losses: the law, extrapolated past the largest S, may shoot up
+            lo = float((cells["mean"] - cells["std"].fillna(0.0)).min())
+            hi = float((cells["mean"] + cells["std"].fillna(0.0)).max())
+            pad = max(0.5 * (hi - lo), 0.05)
+            axes[0, 0].set_ylim(lo - pad, hi + pad)
         handles = [Line2D([], [], color=colors[n], marker="o", ms=4, lw=1.2, label=n_label(n, sizes[n])) for n in colors]
         handles += [Line2D([], [], color="0.3", lw=1.2, label="fitted law"),
                     Line2D([], [], color="0.3", ls=":", lw=0.9, label="dense loss (S = 0)")]
