@@ -382,8 +382,9 @@ def test_bad_config_is_refused_by_the_schema(case):
 @pytest.mark.parametrize("change, error", [
     ({"sweep": {"sparsity": [0.0, 1.2]}}, "ValidationError: 1.2 is greater than or equal to the maximum of 1"),
     # schema-valid, but a per-size mapping without the size or a default: caught while building the DAG
-    # (config/default.yaml's mapping d2..d5 is merged in, so d1 is the size without an entry)
-    ({"train": {"tokens": {"d2": 512}}}, "config: train.tokens has no entry for size 'd1' and no 'default'; add one"),
+    # (config/default.yaml's mapping d1..d4 is merged in, so d5 is the size without an entry)
+    ({"sweep": {"sizes": ["d1", "d5"]}, "train": {"tokens": {"d1": 512}}},
+     "config: train.tokens has no entry for size 'd5' and no 'default'; add one"),
 ], ids=["schema", "per-size mapping"])
 def test_bad_config_stops_the_workflow_before_any_output(tmp_path, change, error):
     wd = make_workdir(tmp_path)
