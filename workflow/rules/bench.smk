@@ -1,6 +1,6 @@
 # Benchmarks (not part of `all`): `snakemake --cores all bench_inference`. Batch-1 sparse GEMV and decode
 # on this machine; the GEMV rows are the results table (inference.csv), drawn as speedup vs S against the
-# ideal 1/(1-S). Machine and versions go next to each CSV (same name + .json).
+# ideal 1/(1-S). Machine and versions go next to each CSV (gemv.json, decode.json, inference.json).
 
 
 rule bench_inference:
@@ -23,8 +23,11 @@ rule bench_inference:
         gemv=config.get("bench", {}).get("gemv_args", ""),
         decode=config.get("bench", {}).get("decode_args", ""),
         figures=lambda wc, output: os.path.dirname(output.png),
+        meta=lambda wc, output: " ".join(
+            os.path.splitext(f)[0] + ".json" for f in (output.gemv, output.csv)
+        ),
     shell:
         "(sparsescale bench gemv {params.gemv} --out {output.gemv} && "
         "sparsescale bench decode {params.decode} --out {output.decode} && "
-        "cp {output.gemv} {output.csv} && cp {output.gemv}.json {output.csv}.json && "
+        "cp {output.gemv} {output.csv} && cp {params.meta} && "
         "sparsescale figures --only fig9_speedup --bench {output.csv} --out {params.figures}) > {log} 2>&1"
