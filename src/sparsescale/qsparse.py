@@ -123,8 +123,8 @@ def _threads() -> int:
         from sparsescale.kernels import prefer_workqueue
 
         prefer_workqueue()  # before numba starts its pool: workqueue, not a second OpenMP beside torch's
-    if want > 1 and numba.get_num_threads() != want:
-        numba.set_num_threads(want)
+        if numba.get_num_threads() != want:
+            numba.set_num_threads(want)
     return want
 
 
