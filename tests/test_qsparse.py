@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -53,9 +54,23 @@ def test_kept_entries_are_the_largest():
 def test_numba_and_torch_paths_agree_with_ties():
     x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -2.0, 1.0]])
     y = Q.topk_sparsify(x, 3)
-    assert int((y != 0).sum()) == 3 and y[0, 4] == -2.0
+    assert y.tolist() == [[1.0, -1.0, 0.0, 0.0, -2.0, 0.0]]  # the first ties by position are kept
     z = torch.randn(64, 100)
     assert torch.equal(Q.topk_sparsify(z, 37), Q._topk_torch(z, 37))
+    w = torch.round(torch.randn(64, 100) * 2) / 2  # many ties at the threshold
+    w[:8, :70] = 0.0  # rows where the threshold is 0
+    for kernel in (Q._get_numba_kernel(False), Q._get_numba_kernel(True)):
+        out = torch.empty_like(w)
+        thr = torch.from_numpy(np.partition(np.abs(w.numpy()), 100 - 37, axis=1)[:, 100 - 37].copy())
+        kernel(w.numpy(), thr.numpy(), 37, out.numpy())
+        assert torch.all((out != 0).sum(-1) <= 37) and torch.all((out[8:] != 0).sum(-1) == 37)
+        ref = w.clone()  # reference rule written out: keep |w| > t, then the first ties up to k
+        for r in range(64):
+            ties = 37 - int((w[r].abs() > thr[r]).sum())
+            for j in range(100):
+                if w[r, j].abs() < thr[r] or (w[r, j].abs() == thr[r] and (ties := ties - 1) < 0):
+                    ref[r, j] = 0.0
+        assert torch.equal(out, ref)
 
 
 def test_block_nm_structure():
