@@ -334,3 +334,16 @@ def test_bootstrap_refits_converge_on_the_real_default_sweep():
     assert boot["n_ok"] == 60
     lo, hi = boot["s_star_ci"]
     assert 0.7 < lo < sc.optimal_sparsity(fit["params"])["s_star"] <= hi <= 1.0
+
+
+def test_fit_all_runs_precisions_side_by_side_with_identical_results():
+    fp, q = runs_for(seed=2).assign(precision="fp"), runs_for(dict(TRUE, C=300.0), seed=3).assign(precision="1.58")
+    runs = pd.concat([fp, q], ignore_index=True)
+    one = sc.fit_all(runs, n_boot=6, seed=1, jobs=1, n_starts=8)
+    two = sc.fit_all(runs, n_boot=6, seed=1, jobs=2, n_starts=8)  # one worker per precision
+    assert sorted(one) == sorted(two) == ["1.58", "fp"]
+    for p in one:
+        assert one[p]["precision"] == p and one[p]["n_runs"] == 36
+        for key in ("params", "ci", "s_star", "s_star_ci", "bootstrap", "comparison", "dense_baseline"):
+            assert one[p][key] == two[p][key], (p, key)
+    assert one["fp"]["params"] != one["1.58"]["params"]

@@ -352,6 +352,7 @@ def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
                 for e, a, al in itertools.product([0.3, 0.6, 0.9], [0.05, 0.3, 1.0], [0.05, 0.1, 0.2, 0.4, 0.8])
             ]
         )
+        starts = _screen(starts, F, log_y, 12, delta)  # the 12 best of 45 by starting objective
         q, fun, _, _ = _minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
         rows.append(
             {"sparsity": float(s), "E": float(np.exp(q[0])), "A": float(np.exp(q[1] + q[2] * log_n_ref)), "alpha": float(q[2])}
@@ -688,11 +689,24 @@ def fit_all(
         if precision not in present:
             raise UserError(f"no runs with precision {precision!r}: the table has {', '.join(present) or 'none'}")
         present = [precision]
+    jobs = _jobs(jobs)
+    args = [(runs[runs["precision"] == p], form, n_boot, seed, max(1, jobs // len(present)), level, n_starts, p)
+            for p in present]
+    if jobs > 1 and len(present) > 1:  # the precisions side by side, each with its share of the cores
+        with ProcessPoolExecutor(max_workers=min(jobs, len(present))) as pool:
+            reports = list(pool.map(_fit_report_args, args))
+    else:
+        reports = [_fit_report_args(a) for a in args]
     out = {}
-    for p in present:
-        out[p] = fit_report(runs[runs["precision"] == p], form, n_boot, seed, jobs, level, n_starts, precision=p)
+    for p, rep in zip(present, reports):
+        out[p] = rep
         out[p]["warnings"] = notes + out[p]["warnings"]
     return out
+
+
+def _fit_report_args(a):
+    runs, form, n_boot, seed, jobs, level, n_starts, precision = a
+    return fit_report(runs, form, n_boot, seed, jobs, level, n_starts, precision=precision)
 
 
 def optimal_sparsity_summary(reports: dict, form: str = "paper") -> dict:
@@ -745,7 +759,7 @@ def cli_fit(argv: list[str]) -> int:
     ap.add_argument("--form", default="paper", choices=FORMS, help="A(S) form (default: paper)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    ap.add_argument("--jobs", type=int, default=None, help="worker processes for the bootstrap (default: all cores)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes: the precisions side by side, each bootstrapping on its share (default: all cores)")
     ap.add_argument("--precision", default=None, help="fit only this precision (fp or 1.58)")
     ap.add_argument("--starts", type=int, default=64,
                     help="L-BFGS-B starts: the best of the 432-point grid by starting objective (default 64; 0 = all). "
