@@ -690,8 +690,8 @@ def fit_all(
             raise UserError(f"no runs with precision {precision!r}: the table has {', '.join(present) or 'none'}")
         present = [precision]
     jobs = _jobs(jobs)
-    args = [(runs[runs["precision"] == p], form, n_boot, seed, max(1, jobs // len(present)), level, n_starts, p)
-            for p in present]
+    share = [max(1, jobs // len(present) + (i < jobs % len(present))) for i in range(len(present))]  # all cores used
+    args = [(runs[runs["precision"] == p], form, n_boot, seed, share[i], level, n_starts, p) for i, p in enumerate(present)]
     if jobs > 1 and len(present) > 1:  # the precisions side by side, each with its share of the cores
         with ProcessPoolExecutor(max_workers=min(jobs, len(present))) as pool:
             reports = list(pool.map(_fit_report_args, args))
