@@ -169,7 +169,7 @@ def wrap(model: torch.nn.Module, ctx: Context, cfg) -> torch.nn.Module:
     if cfg.distributed == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from sparsescale.model import decoder_layers
+        from sparsescale.layout import decoder_layers
 
         cuda = ctx.device.startswith("cuda")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()

@@ -42,6 +42,9 @@ import torch
 from torch import nn
 
 from sparsescale.errors import UserError
+from sparsescale.layout import PROJECTION_GROUPS
+from sparsescale.numba_threads import numba_threads, prefer_workqueue
+from sparsescale.qsparse import QSparseLinear, qsparse_linears, quant_weight_ternary
 
 BACKENDS = ("auto", "numba", "torch", "triton")
 MODES = ("topk", "threshold")
@@ -60,19 +63,8 @@ except ImportError:  # pragma: no cover
     HAVE_NUMBA = False
 
 
-def prefer_workqueue() -> None:
-    """numba's OpenMP threading layer loads the system libgomp beside torch's own and resets torch's thread
-    count (torch.get_num_threads() jumps to the core count after the first parallel numba call, whatever
-    torch.set_num_threads said); its two spinning thread pools also fight for the cores. numba's own
-    "workqueue" layer has neither problem. Chosen unless the user named a layer or numba already started one."""
-    from numba.np.ufunc import parallel
-
-    if "NUMBA_THREADING_LAYER" not in os.environ and not parallel._is_initialized:
-        numba.config.THREADING_LAYER = "workqueue"
-
-
 if HAVE_NUMBA:
-    prefer_workqueue()
+    prefer_workqueue()  # before numba starts a pool
 
 try:  # only on CUDA machines (pyproject extra "gpu")
     import triton
@@ -266,15 +258,6 @@ if HAVE_NUMBA:
         return n
 
 
-def _numba_threads(threads: int | None = None) -> int:
-    """Threads for a numba call: `threads`, or as many as torch uses (the user's one knob), capped by
-    NUMBA_NUM_THREADS."""
-    want = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if want > 1 and numba.get_num_threads() != want:
-        numba.set_num_threads(want)
-    return want
-
-
 def _tiles(d_out: int, threads: int) -> tuple[int, int]:
     """(column blocks, active-list slices): columns while every thread still gets >= 512 of them (contiguous
     runs of >= 2 KiB per row); narrow outputs split the active rows instead (partial sums, added at the end)."""
@@ -429,7 +412,7 @@ class SparseWeight:
         """`__call__` without the checks (the decode path's per-token call).
         x (D_in,); how: _TOPK (k), _THRESHOLD (thr) or _NONZERO."""
         if self.backend == "numba":
-            threads = _numba_threads(self.threads)
+            threads = numba_threads(self.threads)
             n_col, n_split = self.tiles or _tiles(self.d_out, threads)
             kernel = _sparse_gemv_parallel if threads > 1 else _sparse_gemv_serial
             y = np.empty(self.d_out, np.float32)
@@ -454,7 +437,7 @@ def union_gemm(sw: SparseWeight, xs: torch.Tensor, n_col: int | None = None) -> 
         raise UserError(f"union_gemm needs a SparseWeight with the numba backend: got {sw.backend!r}")
     x2 = xs.detach().reshape(-1, sw.d_in).float().contiguous().numpy()
     y = np.empty((x2.shape[0], sw.d_out), np.float32)
-    n = _union_gemm_numba(sw._flat, sw.d_out, x2, sw._idx, y, n_col or _tiles(sw.d_out, _numba_threads(sw.threads))[0])
+    n = _union_gemm_numba(sw._flat, sw.d_out, x2, sw._idx, y, n_col or _tiles(sw.d_out, numba_threads(sw.threads))[0])
     return torch.from_numpy(y), int(n)
 
 
@@ -463,7 +446,6 @@ def union_gemm(sw: SparseWeight, xs: torch.Tensor, n_col: int | None = None) -> 
 
 def _effective_weight(m) -> torch.Tensor:
     """The weight the normal Q-Sparse forward multiplies by (ternary when weight_bits="1.58")."""
-    from sparsescale.qsparse import quant_weight_ternary
 
     w = m.weight.detach()
     return quant_weight_ternary(w) if m.settings.weight_bits == "1.58" else w
@@ -557,9 +539,8 @@ class SparseDecode:
 
 
 def _groups_of(model) -> list[list[tuple[str, nn.Module]]]:
-    """Lists of (name, module): siblings that read one input (q/k/v; gate/up, by qsparse.PROJECTION_GROUPS) and
+    """Lists of (name, module): siblings that read one input (q/k/v; gate/up, by layout.PROJECTION_GROUPS) and
     agree on shape, dtype and settings form one group; every other QSparseLinear is a group of its own."""
-    from sparsescale.qsparse import PROJECTION_GROUPS, QSparseLinear
 
     out = []
     for pname, parent in model.named_modules():
@@ -589,7 +570,6 @@ def calibrate_thresholds(model: nn.Module, input_ids: torch.Tensor) -> dict[str,
     With mode="threshold" an input is active when |x| exceeds it: an APPROXIMATION of top-K (no selection cost
     beyond one comparison per input, but K varies per token and outputs differ from exact top-K).
     """
-    from sparsescale.qsparse import qsparse_linears
 
     mods = qsparse_linears(model)
     if not mods:
@@ -622,7 +602,6 @@ def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "a
     are a snapshot: after changing the weights, call this again.
     threads (numba): None follows torch.get_num_threads(); 1 keeps the GEMV on the calling thread.
     """
-    from sparsescale.qsparse import qsparse_linears
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {MODES}: got {mode!r}")
@@ -655,7 +634,6 @@ def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "a
 
 def disable_sparse_decode(model: nn.Module) -> None:
     """Back to the normal Q-Sparse forward everywhere; frees the W^T copies."""
-    from sparsescale.qsparse import qsparse_linears
 
     for _, m in qsparse_linears(model):
         m.__dict__.pop("forward", None)

@@ -7,7 +7,6 @@ Features
   with a hub), in the checkpoint's own dtype; if its `config.json` carries a `qsparse` entry (written by
   `qsparse.convert`), the converter is re-applied so logits match the saved model exactly.
 - `save(model, path)`: `save_pretrained` (safetensors), written atomically.
-- `decoder_layers(model)`: the list of decoder layers for the layouts we know; add a layout by naming it.
 - `param_counts(model)`: N (non-embedding), N with embeddings, measured with `numel()`.
 """
 
@@ -21,10 +20,9 @@ from torch import nn
 
 from sparsescale.config import ModelArgs, count_params, get_size
 from sparsescale.errors import UserError
-
-# Where the decoder layers live, by attribute path; the first that exists wins. Add a layout here.
-DECODER_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
-
+from sparsescale.io import atomic_dir
+from sparsescale.layout import decoder_layers
+from sparsescale import qsparse
 
 def llama_config(args: ModelArgs, vocab_size: int, max_seq_len: int = 2048, hidden_act: str = "relu2",
                  bos_token_id: int | None = None, eos_token_id: int | None = None):
@@ -55,19 +53,6 @@ def build(size: str | ModelArgs, vocab_size: int, max_seq_len: int = 2048, hidde
     if isinstance(size, str):
         model.config.sparsescale_size = size
     return model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in DECODER_LAYER_PATHS:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(DECODER_LAYER_PATHS)}; "
-                    "add its attribute path to sparsescale.model.DECODER_LAYER_PATHS")
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
@@ -107,8 +92,6 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str
         raise UserError(f"cannot load checkpoint {path!r}: {err}") from None
     qcfg = getattr(model.config, "qsparse", None)
     if qcfg:
-        from sparsescale import qsparse
-
         qsparse.convert(model, **qcfg)
     if device is not None:
         model.to(device)
@@ -117,8 +100,6 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     """`save_pretrained` (safetensors) into a temp dir, renamed into place: never a half-written checkpoint."""
-    from sparsescale.io import atomic_dir
-
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,11 @@ from torch import nn
 
 from sparsescale.config import check_sparsity, kept
 from sparsescale.errors import UserError
+from sparsescale.layout import PROJECTION_GROUPS, decoder_layers
+from sparsescale.numba_threads import numba_threads
 
 WEIGHT_BITS = ("fp", "1.58")
 ACT_BITS = (None, 8)
-# projection name -> the group reported in measured sparsity (paper Table 2 layout)
-PROJECTION_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
-                     "gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down"}
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,6 @@ def _get_numba_kernel(parallel: bool = False):
     one function compiled both ways would load the parallel machine code into a serial caller (and start the
     pool anyway, resetting torch's thread count)."""
     if parallel not in _numba_kernels:
-        import numba
-
         @numba.njit(cache=True, inline="always")
         def mask_row(x, t, k, out, r):  # row r of x, out: keep |x| >= t, then drop the last ties: k in all
             xr, orow = x[r], out[r]
@@ -115,20 +113,6 @@ def _get_numba_kernel(parallel: bool = False):
     return _numba_kernels[parallel]
 
 
-def _threads() -> int:
-    """Threads for the CPU kernel: as many as torch uses (capped by numba's pool)."""
-    import numba
-
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if want > 1:
-        from sparsescale.kernels import prefer_workqueue
-
-        prefer_workqueue()  # before numba starts its pool: workqueue, not a second OpenMP beside torch's
-        if numba.get_num_threads() != want:
-            numba.set_num_threads(want)
-    return want
-
-
 def _numba_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
@@ -145,7 +129,7 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
         return x
     if _numba_ok(x):
         try:
-            kernel = _get_numba_kernel(parallel=_threads() > 1)
+            kernel = _get_numba_kernel(parallel=numba_threads() > 1)
         except ImportError:  # numba missing: torch path
             return _topk_torch(x, k)
         x2 = x.detach().reshape(-1, d).contiguous().numpy()  # (R, D), shares memory
@@ -274,8 +258,6 @@ def convert(model: nn.Module, sparsity: float, weight_bits: str = "fp", act_bits
     A model converted before is re-converted with the new settings. sparsity=0, weight_bits="fp" leaves the
     outputs identical to the unconverted model.
     """
-    from sparsescale.model import decoder_layers
-
     settings = QSparseSettings(float(sparsity), weight_bits, act_bits, block, bool(rescale))
     n = 0
     for layer in decoder_layers(model):

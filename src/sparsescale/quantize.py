@@ -123,7 +123,7 @@ def quantize_tensor(w: torch.Tensor, bits: int, block: int | str = "tensor", z: 
 
 def linear_targets(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer, name, module) of every nn.Linear inside the decoder layers (no embeddings, norms, LM head)."""
-    from sparsescale.model import decoder_layers
+    from sparsescale.layout import decoder_layers
 
     return [(i, name, m) for i, layer in enumerate(decoder_layers(model))
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)]

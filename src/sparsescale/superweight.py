@@ -54,9 +54,10 @@ from torch import nn
 
 from sparsescale import probes
 from sparsescale.errors import UserError
+from sparsescale.layout import DEFAULT_FFN_OUT, decoder_layers, ffn_out_modules
 
 OFFICIAL_PROMPT = "Apple Inc. is a worldwide tech company."
-DEFAULT_MODULE = "mlp.down_proj"
+DEFAULT_MODULE = DEFAULT_FFN_OUT
 DEFAULT_THRESHOLD = 10.0
 ABS_THRESHOLD = 50.0
 PERSIST = 0.5
@@ -88,23 +89,6 @@ class SuperWeight:
 # ---------------------------------------------------------------------------------------------------------
 # modules and forward capture
 
-def ffn_out_modules(model: nn.Module, module: str = DEFAULT_MODULE) -> list[nn.Module]:
-    """The FFN output projection of every decoder layer (a Linear-like module with a 2-D .weight)."""
-    from sparsescale.model import decoder_layers
-
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        obj = layer
-        for part in module.split("."):
-            obj = getattr(obj, part, None)
-        w = getattr(obj, "weight", None)
-        if not isinstance(obj, nn.Module) or not isinstance(w, torch.Tensor) or w.ndim != 2:
-            raise UserError(f"decoder layer {i} of {type(model).__name__} has no linear module {module!r}: pass "
-                            "the path of the FFN output projection inside a decoder layer (--module, e.g. mlp.c_proj)")
-        out.append(obj)
-    return out
-
-
 def _effective_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the matmul sees: the top-K sparsified (quantized) input for a QSparseLinear, else x."""
     f = getattr(mod, "sparsify_input", None)
@@ -127,8 +111,6 @@ def _layer_output(out):
 @torch.no_grad()
 def _capture(model: nn.Module, ids: list[int], mods: list[nn.Module]):
     """One forward: per layer X (T, F) down_proj input, Y (T, D) its output, H (T, D) the layer's output."""
-    from sparsescale.model import decoder_layers
-
     n = len(mods)
     xs, ys, hs = [None] * n, [None] * n, [None] * n
     handles = []
@@ -365,8 +347,6 @@ def largest_other_weights(model: nn.Module, sws: list[SuperWeight], n: int, scop
     scope "down_proj": the FFN output projections (the matrices super weights live in); "all": every linear
     layer inside the decoder layers (never embeddings, norms or the LM head).
     """
-    from sparsescale.model import decoder_layers
-
     if scope == "down_proj":
         named = [(f"layers.{i}.{module}", m) for i, m in enumerate(ffn_out_modules(model, module))]
     elif scope == "all":
