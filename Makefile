@@ -39,8 +39,9 @@ $(STAMP): pyproject.toml
 	@touch "$(STAMP)"
 
 ## run: set up and run the default pipeline (config/default.yaml) end to end
+## (profiles/default, next to the Snakefile, is picked up by every plain `snakemake` call)
 run: setup
-	"$(BIN)/snakemake" --cores $(CORES) --workflow-profile workflow/profiles/default
+	"$(BIN)/snakemake" --cores $(CORES)
 
 ## test: set up and run the test suite
 test: setup
@@ -48,14 +49,14 @@ test: setup
 
 ## smoke: the seconds-scale config end to end
 smoke: setup
-	"$(BIN)/snakemake" --cores $(CORES) --configfile config/smoke.yaml --workflow-profile workflow/profiles/default
+	"$(BIN)/snakemake" --cores $(CORES) --configfile config/smoke.yaml
 
 lint: setup
 	"$(BIN)/snakemake" --lint
 	"$(BIN)/snakefmt" --check Snakefile workflow/rules
 
 dryrun-paper: setup
-	"$(BIN)/snakemake" -n --configfile config/paper.yaml --workflow-profile workflow/profiles/slurm
+	"$(BIN)/snakemake" -n --configfile config/paper.yaml --workflow-profile profiles/slurm
 
 clean:
 	rm -rf results logs .snakemake report.html

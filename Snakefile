@@ -1,7 +1,7 @@
 # sparsescale: how loss scales with model size N and activation sparsity S, and which S is optimal at inference.
 #   snakemake --cores all                          the embedded default (CPU sweep, config/default.yaml)
 #   snakemake --cores all --configfile config/smoke.yaml
-#   snakemake --configfile config/paper.yaml --workflow-profile workflow/profiles/slurm   (SLURM)
+#   snakemake --configfile config/paper.yaml --workflow-profile profiles/slurm   (SLURM)
 #   snakemake --report report.html                 figures and tables, captioned
 from snakemake.utils import min_version, validate
 

@@ -60,7 +60,7 @@ TINY = {
 }
 DIVERGED = [f"d3-s{s}-bfp-seed0" for s in ("0.00", "0.50", "0.80")]
 FINISHED = [f"{n}-s{s}-bfp-seed0" for n in ("d1", "d2") for s in ("0.00", "0.50", "0.80")]
-LOCAL = ["--configfile", "tiny.yaml", "--cores", "2", "--workflow-profile", "workflow/profiles/default"]  # then targets
+LOCAL = ["--configfile", "tiny.yaml", "--cores", "2", "--workflow-profile", "profiles/default"]  # then targets
 
 
 def train(out: Path, data: Path, faults: dict | None = None) -> subprocess.CompletedProcess:

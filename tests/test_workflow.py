@@ -27,7 +27,7 @@ def snakemake(*args, cwd, check=True, timeout=1200):
 
 
 def copy_workflow(dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config"):
+    for name in ("Snakefile", "workflow", "profiles", "config"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     (dest / "tests").mkdir()
@@ -39,7 +39,7 @@ def copy_workflow(dest: Path) -> Path:
 def smoke(tmp_path_factory):
     wd = copy_workflow(tmp_path_factory.mktemp("wf"))
     t0 = time.time()
-    snakemake("--configfile", "config/smoke.yaml", "--workflow-profile", "workflow/profiles/default", cwd=wd)
+    snakemake("--configfile", "config/smoke.yaml", "--workflow-profile", "profiles/default", cwd=wd)
     print(f"smoke workflow: {time.time() - t0:.0f}s")
     return wd
 

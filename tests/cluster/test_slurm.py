@@ -9,7 +9,7 @@
 - A fault on the way: the first training job to write its second checkpoint is SIGKILLed; the profile's
   `retries` resubmits it with 1.5x memory and time and it resumes from that checkpoint, to the same loss.
 - The local reference runs at the same time as the SLURM run (the plugin mostly waits on its polls).
-- Job arrays are not used: plugin 2.8.0 breaks them (see workflow/profiles/slurm/config.yaml).
+- Job arrays are not used: plugin 2.8.0 breaks them (see profiles/slurm/config.yaml).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     t0 = time.monotonic()
     local_dir, slurm_dir = make_workdir(tmp_path / "local"), make_workdir(tmp_path / "slurm")
     # the reference: same configs, local executor, only the training runs (their final.json hold the losses)
-    local = subprocess.Popen(snakemake_cmd("--cores", "1", *CONFIGS, "--workflow-profile", "workflow/profiles/default",
+    local = subprocess.Popen(snakemake_cmd("--cores", "1", *CONFIGS, "--workflow-profile", "profiles/default",
                                            *[f"results/smoke/runs/{rid}/final.json" for rid in RUN_IDS]),
                              cwd=local_dir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # a fault: the first training job to write its second checkpoint is SIGKILLed (once); the profile's
@@ -59,7 +59,7 @@ def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     faults = {**fault_env("after:step_00000002.pt.sha256:kill", tmp_path / "killed.pid"),
               "SLURM_CONF": str(slurm_cluster.conf)}
     slurm = subprocess.run(
-        snakemake_cmd(*CONFIGS, "--workflow-profile", "workflow/profiles/slurm",
+        snakemake_cmd(*CONFIGS, "--workflow-profile", "profiles/slurm",
                       "--slurm-init-seconds-before-status-checks", "3",  # 40 s by default: fine on a cluster, slow here
                       "--slurm-no-account", "--cores", "2", "--latency-wait", "5"),
         cwd=slurm_dir, env=env(**faults), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)

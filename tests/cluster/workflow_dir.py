@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-LINKED = ("Snakefile", "workflow", "config", "tests")
+LINKED = ("Snakefile", "workflow", "profiles", "config", "tests")
 FAULT_HOOK = Path(__file__).resolve().parent / "fault_hook"  # sitecustomize.py: see its docstring
 
 
