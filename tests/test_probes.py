@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import planted
-from sparsescale import probes
+from sparsescale.superweight import probes
 from sparsescale.errors import UserError
 
 

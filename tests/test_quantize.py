@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import planted
-from sparsescale import probes, quantize as qz
+from sparsescale.superweight import probes, quantize as qz
 from sparsescale import superweight as sw
 from sparsescale.errors import UserError
 from sparsescale.model import save

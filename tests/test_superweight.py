@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import planted
-from sparsescale import probes, qsparse
+from sparsescale import qsparse
 from sparsescale import superweight as sw
+from sparsescale.superweight import detect as swd, probes
 from sparsescale.errors import UserError
 from sparsescale.model import save
 
@@ -69,7 +70,7 @@ def test_detect_finds_nothing_in_random_models(tok, seed, act):
     det = sw.find_super_weights(m, tok)
     assert det.super_weights == [] and det.echoes == []
     assert len(det.iterations) == 1 and det.iterations[0]["candidates"] == []
-    ratios = sw._ratios([r["max_abs_input"] for r in det.profile["layers"]])
+    ratios = sw.layer_ratios([r["max_abs_input"] for r in det.profile["layers"]])
     assert max(ratios) < 3  # far below the threshold of 10
 
 
@@ -84,7 +85,7 @@ def test_model_restored_bit_exact_after_detect(tok):
 def test_model_restored_when_detection_fails_midway(tok, monkeypatch):
     m = planted.planted_model(tok)
     ref = state(m)
-    real, calls = sw._capture, []
+    real, calls = swd._capture, []
 
     def failing(*args):
         calls.append(1)
@@ -92,7 +93,7 @@ def test_model_restored_when_detection_fails_midway(tok, monkeypatch):
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(sw, "_capture", failing)
+    monkeypatch.setattr(swd, "_capture", failing)
     with pytest.raises(RuntimeError):
         sw.find_super_weights(m, tok)
     assert m.model.layers[1].mlp.down_proj.weight[planted.ROW_J, planted.COL_K].item() == pytest.approx(planted.SUPER)
@@ -115,8 +116,8 @@ def test_echo_is_reported_not_kept(tok, echo_layer):
 
 
 def test_absolute_rule_is_the_official_one(model, tok):
-    assert sw.detect(model, tok, rule="absolute") == []  # input spike ~18 < 50: missed, like SmolLM2-1.7B
-    assert [s.coord for s in sw.detect(model, tok, rule="absolute", abs_threshold=5.0)] == [PLANTED]
+    assert swd.detect(model, tok, rule="absolute") == []  # input spike ~18 < 50: missed, like SmolLM2-1.7B
+    assert [s.coord for s in swd.detect(model, tok, rule="absolute", abs_threshold=5.0)] == [PLANTED]
 
 
 def test_spike_profile(model, tok):
@@ -222,11 +223,11 @@ def test_known_table_holds_the_reference_coordinates():
 
 def test_bad_input_is_one_clear_error(model, tok, tmp_path):
     with pytest.raises(UserError, match="no linear module 'mlp.c_proj'"):
-        sw.detect(model, tok, module="mlp.c_proj")
+        swd.detect(model, tok, module="mlp.c_proj")
     with pytest.raises(UserError, match="tokenizes to nothing"):
-        sw.detect(model, tok, prompt="")
+        swd.detect(model, tok, prompt="")
     with pytest.raises(UserError, match="threshold must be > 1"):
-        sw.detect(model, tok, threshold=0.5)
+        swd.detect(model, tok, threshold=0.5)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a checkpoint"):
         sw.cli_superweight(["detect", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "d.json")])

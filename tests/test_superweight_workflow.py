@@ -20,10 +20,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from sparsescale import superweight_report as SR  # noqa: E402
-from sparsescale import superweight_summary as SS  # noqa: E402
+from sparsescale.superweight import report as SR  # noqa: E402
+from sparsescale.superweight import summary as SS  # noqa: E402
 from sparsescale.errors import UserError  # noqa: E402
-from sparsescale.superweight import cli_superweight  # noqa: E402
+from sparsescale.superweight.cli import cli_superweight  # noqa: E402
 from sparsescale.tables import fmt_num, to_csv, to_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

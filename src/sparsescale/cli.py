@@ -23,8 +23,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "optimal-sparsity": ("sparsescale.scaling", "cli_optimal_sparsity", "S* and N/N_a for given law constants"),
     "figures": ("sparsescale.plots", "cli_figures", "draw the figures from runs.csv and the fit JSONs"),
     "tables": ("sparsescale.tables", "cli_tables", "write Markdown/LaTeX/CSV tables from runs.csv and the fit JSONs"),
-    "superweight": ("sparsescale.superweight", "cli_superweight", "detect / ablate / scale super weights; quantize"),
+    "superweight": ("sparsescale.superweight.cli", "cli_superweight", "detect / ablate / scale super weights; quantize"),
     "bench": ("sparsescale.bench", "cli_bench", "benchmarks that print ratios measured side by side"),
+    "lm-eval": ("sparsescale.lmeval", "cli_lmeval", "lm-evaluation-harness on a checkpoint as trained (local tasks)"),
 }
 
 
@@ -37,7 +38,11 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command: a mistake in a script, not a request for help
+        print(_usage(), file=sys.stderr)
+        print("sparsescale: error: no command given", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] == "--version":

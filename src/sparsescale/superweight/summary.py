@@ -10,21 +10,20 @@ Features
   max |output| each divided by the median of the same maxima over the other layers; a layer fires when BOTH
   reach the detection threshold, so `max_spike_ratio` = max over layers of min(input ratio, output ratio) is the
   number to compare with `threshold` (it says how close a model with none found came).
-- `read_summary(path)`: the CSV back, precision kept as text ("1.58"), for the tables of `superweight_report`.
-- CLI: `sparsescale superweight summarize --detect A/detect.json ... --out summary.csv` (a model is named by
-  its detect file's folder; --names overrides). Figures and tables: `sparsescale superweight report`.
+- `read_summary(path)`: the CSV back, precision kept as text ("1.58"), for the tables of `superweight.report`.
+- `sparsescale superweight summarize --detect A/detect.json ... --out summary.csv` (in `superweight.cli`; a
+  model is named by its detect file's folder, --names overrides). Figures and tables: `superweight report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
 
 from sparsescale.errors import UserError
-from sparsescale.io import atomic_write_text
+from sparsescale.superweight.detect import layer_ratios
 
 SUMMARY_COLUMNS = (
     "model", "source", "size", "precision", "sparsity", "n_params", "n_layers", "n_super_weights", "coordinates",
@@ -45,15 +44,13 @@ def read_result(path: Path, kind: str) -> dict:
         raise UserError(f"cannot read {kind} results {path} ({type(err).__name__}: {err}): make it with `{MAKER[kind]}`") from None
 
 
-def _spike_ratios(profile: dict) -> tuple[float, int | None, float, float]:
+def _spikelayer_ratios(profile: dict) -> tuple[float, int | None, float, float]:
     """(max over layers of min(input ratio, output ratio), that layer, max input ratio, max output ratio)."""
-    from sparsescale.superweight import _ratios  # the detection's own rule: layer max / median of the others
-
     layers = sorted((profile or {}).get("layers") or [], key=lambda r: r["layer"])
     if len(layers) < 2:
         return float("nan"), None, float("nan"), float("nan")
-    r_in = _ratios([r["max_abs_input"] for r in layers])
-    r_out = _ratios([r["max_abs_output"] for r in layers])
+    r_in = layer_ratios([r["max_abs_input"] for r in layers])  # the detection's own rule
+    r_out = layer_ratios([r["max_abs_output"] for r in layers])
     both = [min(a, b) for a, b in zip(r_in, r_out)]
     i = max(range(len(both)), key=both.__getitem__)
     return both[i], layers[i]["layer"], max(r_in), max(r_out)
@@ -76,7 +73,7 @@ def summary_row(det: dict, name: str) -> dict:
     final_path = Path(str(det.get("model", ""))).parent / "final.json"
     final = json.loads(final_path.read_text()) if det.get("model") and final_path.is_file() else {}
     sws = det.get("super_weights") or []
-    ratio, layer, r_in, r_out = _spike_ratios(det.get("profile"))
+    ratio, layer, r_in, r_out = _spikelayer_ratios(det.get("profile"))
     kept, n_kept = _kept(sws)
     known = det.get("known")
     return {
@@ -119,22 +116,3 @@ def read_summary(path: str | Path) -> pd.DataFrame:
 
 def to_csv(df: pd.DataFrame) -> str:
     return df.to_csv(index=False, lineterminator="\n", float_format="%.6g")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI: `sparsescale superweight summarize`
-
-def cli_summarize(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sparsescale superweight summarize",
-                                description="Collect detect JSONs into one summary CSV (one row per model).")
-    p.add_argument("--detect", nargs="+", required=True, help="detect JSON files (results/superweight/{model}/detect.json)")
-    p.add_argument("--names", nargs="+", help="model names (default: each file's folder name)")
-    p.add_argument("--out", required=True, help="CSV file to write")
-    a = p.parse_args(argv)
-    df = summarize(a.detect, a.names)
-    atomic_write_text(a.out, to_csv(df))
-    for r in df.itertuples(index=False):
-        print(f"{r.model:<32} {r.precision:>4} S={r.sparsity:<4g} super weights: {r.coordinates}  "
-              f"(strongest spike x{r.max_spike_ratio:.3g}, top-K keeps: {r.kept_by_topk})")
-    print(f"wrote {a.out}")
-    return 0

@@ -22,12 +22,11 @@ Features
   down_proj input X[:, t, k] of a super weight's layer) the value is replaced by the median before
   quantization (so it does not set the range) and restored in full precision after.
 - `sweep(...)`: plain RTN vs super-weight-aware over bits x block sizes (the paper's Fig. 7 in miniature),
-  plus W8A8 naive vs super-activation-aware; `cli_quantize` is `sparsescale superweight quantize`.
+  plus W8A8 naive vs super-activation-aware; `sparsescale superweight quantize` (in `superweight.cli`) runs it on a checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections import defaultdict
@@ -36,8 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsescale import probes
+from sparsescale.data import val_batches
 from sparsescale.errors import UserError
+from sparsescale.layout import DEFAULT_FFN_OUT, decoder_layers, ffn_out_modules
+from sparsescale.superweight import probes
 
 GRANULARITIES = ("tensor", "channel")
 DEFAULT_BLOCKS = ("64", "256", "1024", "4096", "16384")
@@ -123,8 +124,6 @@ def quantize_tensor(w: torch.Tensor, bits: int, block: int | str = "tensor", z: 
 
 def linear_targets(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer, name, module) of every nn.Linear inside the decoder layers (no embeddings, norms, LM head)."""
-    from sparsescale.layout import decoder_layers
-
     return [(i, name, m) for i, layer in enumerate(decoder_layers(model))
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
@@ -137,11 +136,9 @@ def quantized(model: nn.Module, bits: int, block: int | str, z: float | None = N
     Yields stats: tensors, blocks, short blocks, whole-tensor blocks, restored super weights, and the weight
     mean squared error over all quantized weights.
     """
-    from sparsescale.superweight import DEFAULT_MODULE, ffn_out_modules
-
     keep = defaultdict(list)
     if super_weights:
-        mods = ffn_out_modules(model, module or DEFAULT_MODULE)
+        mods = ffn_out_modules(model, module or DEFAULT_FFN_OUT)
         for s in super_weights:
             keep[id(mods[s.layer])].append((s.row, s.col))
     saved = []
@@ -172,14 +169,12 @@ def fake_quant_activations(model: nn.Module, bits: int = 8, granularity: str = "
     """Quantize/dequantize the input of every decoder linear (asymmetric RTN per tensor or per token);
     super activations (layer, token_index, col) of the FFN output projection's input are replaced by the
     median before quantization and restored after."""
-    from sparsescale.superweight import DEFAULT_MODULE, ffn_out_modules
-
     bits = check_bits(bits)
     if granularity not in ("tensor", "token"):
         raise UserError(f"activation granularity must be 'tensor' or 'token': got {granularity!r}")
     special = defaultdict(list)
     if super_activations:
-        mods = ffn_out_modules(model, module or DEFAULT_MODULE)
+        mods = ffn_out_modules(model, module or DEFAULT_FFN_OUT)
         for layer, t, k in super_activations:
             special[id(mods[layer])].append((t, k))
 
@@ -232,8 +227,6 @@ def sweep(model: nn.Module, eval_tokens, calib_tokens, super_weights=(), bits=(3
           n_calib: int = 4096, batch_size: int = 8, act_bits: int | None = 8, act_granularities=("tensor", "token"),
           partial: str = "short", module: str | None = None, log=print) -> dict:
     """Perplexity per (bits, block, method) point, and W8A8 naive vs super-activation-aware."""
-    from sparsescale.data import val_batches
-
     bits = [check_bits(b) for b in bits]
     blocks = [check_block(b) for b in blocks]
     for m in methods:
@@ -281,7 +274,7 @@ def sweep(model: nn.Module, eval_tokens, calib_tokens, super_weights=(), bits=(3
                          "evaluation": "validation split, first n_eval tokens", "act_bits": act_bits}}
 
 
-def _z_value(text: str) -> float | None:
+def z_value(text: str) -> float | None:
     if text.lower() == "none":
         return None
     try:
@@ -291,41 +284,3 @@ def _z_value(text: str) -> float | None:
     if not (z > 0 and math.isfinite(z)):
         raise UserError(f"--z-grid values must be positive numbers or 'none': got {text!r}")
     return z
-
-
-def cli_quantize(argv: list[str]) -> int:
-    """`sparsescale superweight quantize`: the sweep on a checkpoint, written to one JSON file."""
-    from sparsescale import superweight as sw
-    from sparsescale.io import versions, write_json
-
-    p = argparse.ArgumentParser(prog="sparsescale superweight quantize", description=cli_quantize.__doc__)
-    sw.add_common_args(p, data_required=True)
-    p.add_argument("--detect", required=True, help="detect JSON (its super_weights are kept in full precision)")
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="weight bits, 2..8 (default 3 4)")
-    p.add_argument("--blocks", nargs="+", default=list(DEFAULT_BLOCKS),
-                   help="block sizes in elements, or channel / tensor (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["rtn", "sw_aware"], choices=METHODS)
-    p.add_argument("--z-grid", nargs="+", default=["none" if z is None else str(z) for z in DEFAULT_Z_GRID],
-                   help="clipping z candidates; 'none' = no clipping (default %(default)s)")
-    p.add_argument("--partial", choices=("short", "refuse"), default="short",
-                   help="a block size that does not divide a weight: short last block (default) or refuse")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens from the train split")
-    p.add_argument("--act-bits", type=int, default=8, help="activation bits of the W8A8 points (0: skip them)")
-    p.add_argument("--act-granularity", nargs="+", default=["tensor", "token"], choices=("tensor", "token"))
-    a = p.parse_args(argv)
-    z_grid = [_z_value(z) for z in a.z_grid]
-    [check_bits(b) for b in a.bits]
-    [check_block(b) for b in a.blocks]
-    if a.act_bits:
-        check_bits(a.act_bits)
-    sws = sw.load_detection(a.detect)
-    model, tok = sw.load_model_and_tokenizer(a)
-    data = probes.eval_data(tok, a.data, a.val_tokens, a.calib_tokens)
-    res = sweep(model, data["val"], data["train"], sws, a.bits, a.blocks, z_grid, a.methods, a.seq_len or
-                sw.default_seq_len(model), a.val_tokens, a.calib_tokens, a.batch_size, a.act_bits or None,
-                a.act_granularity, a.partial, a.module)
-    write_json(a.out, {"model": a.model, "detect": a.detect, "super_weights": [vars(s) for s in sws], **res,
-                       "versions": versions()})
-    print(f"wrote {a.out}")
-    return 0

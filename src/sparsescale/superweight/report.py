@@ -15,12 +15,12 @@ Features
   `superweight_w8a8` (naive vs super-activation aware activation quantization: the paper's Table 3 layout).
 - `load_report_inputs(dirs)`: {kind: {model: JSON}}; a missing file is named on stdout and that model left out
   of the figure or table that needs it (never silently).
-- CLI: `sparsescale superweight report --summary summary.csv --dirs A B ... [--figures DIR] [--tables DIR]`.
+- `sparsescale superweight report --summary summary.csv --dirs A B ... [--figures DIR] [--tables DIR]` (in
+  `superweight.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Callable
@@ -30,13 +30,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from sparsescale.errors import UserError
 from sparsescale.plots import (
-    CB, _figure, _legend, _no_data, _percent_axis, save_figure, sequential_colors, spike_panel, theme,
+    CB, _figure, _legend, _no_data, _percent_axis, sequential_colors, spike_panel, theme,
 )
-from sparsescale.probes import SUMMER_PROMPT
-from sparsescale.superweight_summary import MAKER, read_result, read_summary
-from sparsescale.tables import MISSING, PRECISION_LABEL, Table, finite, fmt_n, fmt_num, fmt_pct, write_table
+from sparsescale.superweight.probes import SUMMER_PROMPT
+from sparsescale.superweight.summary import MAKER, read_result
+from sparsescale.tables import MISSING, PRECISION_LABEL, Table, finite, fmt_n, fmt_num, fmt_pct
 
 KINDS = ("detect", "ablation", "scale", "quantize")
 
@@ -371,29 +370,3 @@ SUPERWEIGHT_TABLES: dict[str, Callable[[dict], Table]] = {
     "superweight_quantize": lambda r: superweight_quantize_table(r["quantize"]),
     "superweight_w8a8": lambda r: superweight_w8a8_table(r["quantize"]),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-def cli_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sparsescale superweight report",
-                                description="Super-weight figures and tables from the per-model JSONs and the summary.")
-    p.add_argument("--summary", required=True, help="summary CSV (sparsescale superweight summarize)")
-    p.add_argument("--dirs", nargs="+", required=True, help="per-model folders with detect/ablation/scale/quantize.json")
-    p.add_argument("--figures", help="folder for {name}.png and {name}.pdf")
-    p.add_argument("--tables", help="folder for {name}.md, .tex and .csv")
-    p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: the theme's 200)")
-    a = p.parse_args(argv)
-    if not (a.figures or a.tables):
-        raise UserError("nothing to do: pass --figures DIR and/or --tables DIR")
-    inputs = load_report_inputs(a.dirs)
-    inputs["summary"] = read_summary(a.summary)
-    paths = []
-    for name, draw in SUPERWEIGHT_FIGURES.items() if a.figures else ():
-        paths += save_figure(draw(inputs), a.figures, name, a.dpi)
-    for make in SUPERWEIGHT_TABLES.values() if a.tables else ():
-        paths += write_table(make(inputs), a.tables)
-    for path in paths:
-        print(path)
-    return 0

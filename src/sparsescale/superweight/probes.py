@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsescale import data as d
 from sparsescale.errors import UserError
 
 SUMMER_PROMPT = "Summer is hot. Winter is"
@@ -102,9 +103,7 @@ def sequence_loss(model: nn.Module, ids, batch_size: int = 16, skip: int = 0) ->
 
 def perplexity(model: nn.Module, tokens, seq_len: int, n_tokens: int, batch_size: int = 8) -> dict:
     """Loss and perplexity on n_tokens // seq_len contiguous windows from the start of a 1-D token stream."""
-    from sparsescale.data import val_batches
-
-    loss, n = _mean_nll(model, val_batches(np.asarray(tokens), n_tokens, seq_len, batch_size))
+    loss, n = _mean_nll(model, d.val_batches(np.asarray(tokens), n_tokens, seq_len, batch_size))
     return {"loss": loss, "ppl": float(np.exp(loss)), "n_tokens": n, "seq_len": seq_len}
 
 
@@ -267,8 +266,6 @@ def eval_data(tok, data_dir: str, n_val: int, n_calib: int = 0) -> dict:
     With the dataset's own tokenizer the stored token files are used as they are; with another tokenizer
     (a hub model evaluated on our corpus) the documents are decoded and encoded again.
     """
-    from sparsescale import data as d
-
     meta = d.load_meta(data_dir)
     data_tok = d.load_tokenizer(data_dir)
     val = d.load_tokens(data_dir, "val")

@@ -1,0 +1,33 @@
+"""Super weights (Yu et al. 2024) in any Hugging Face decoder and in our Q-Sparse / BitNet models.
+
+Modules (imports run one way: cli -> summary, quantize, ablate -> detect -> probes)
+- `detect`: detection from one prompt, the spike statistic, known published coordinates (its function
+  `detect` is not re-exported: the name is the module's).
+- `ablate`: zero / scale / restore the super activation / prune other large weights, restored on exit.
+- `quantize`: plain vs super-outlier-aware round-to-nearest by blocks; W8A8 with super activations kept.
+- `probes`: perplexity, last-word accuracy, stopword probabilities, top next tokens.
+- `summary`: one row per analysed model; `report`: figures and tables (imported as a module: it loads
+  matplotlib, which the detection jobs and the training loop do not need).
+- `cli`: `sparsescale superweight detect|ablate|quantize|summarize|report`.
+"""
+
+from sparsescale.superweight.ablate import (
+    largest_other_weights, pruned_others, restored_activation, scaled, zeroed,
+)
+from sparsescale.superweight.cli import cli_superweight
+from sparsescale.superweight.detect import (
+    ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
+    SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights,
+    known_entry, known_table, layer_ratios, load_detection, siblings, spike_profile,
+)
+from sparsescale.superweight.quantize import fake_quant_activations, quantize_tensor, quantized, sweep
+from sparsescale.superweight.summary import read_summary, summarize, summary_row
+
+__all__ = [
+    "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "OFFICIAL_PROMPT", "PERSIST", "RULES",
+    "Detection", "SuperWeight", "cli_superweight", "compare_known", "edited", "effective_input",
+    "effective_weight", "fake_quant_activations", "find_super_weights", "known_entry", "known_table",
+    "largest_other_weights", "layer_ratios", "load_detection", "pruned_others", "quantize_tensor", "quantized",
+    "read_summary", "restored_activation", "scaled", "siblings", "spike_profile", "summarize", "summary_row",
+    "sweep", "zeroed",
+]

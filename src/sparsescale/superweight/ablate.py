@@ -1,0 +1,111 @@
+"""Super-weight ablations: context managers that edit a model and restore it bit-exactly on exit.
+
+Features
+- `zeroed(model, sws)`: the super weights set to 0 (the paper's "prune SW"); `scaled(model, sws, factor)`:
+  multiplied by `factor` (0 = pruned, 1 = original; the paper's 0..3 scaling curve).
+- `restored_activation(model, sws)`: zeroed, but a hook writes back each super activation Y[:, t, j]
+  exactly as the original weights would have produced it (the paper's "prune SW, restore SA").
+- `largest_other_weights(model, sws, n)` and `pruned_others(model, sws, n)`: the n largest-|W| other weights
+  (super weights kept) zeroed: the paper's "7,000 outliers" control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsescale.errors import UserError
+from sparsescale.layout import decoder_layers, ffn_out_modules
+from sparsescale.superweight.detect import (
+    DEFAULT_MODULE, SuperWeight, edited, effective_input, effective_weight,
+)
+
+
+@contextlib.contextmanager
+def scaled(model: nn.Module, sws: list[SuperWeight], factor: float, module: str = DEFAULT_MODULE):
+    """Multiply each super weight by `factor` (0 = pruned, 1 = original)."""
+    mods = ffn_out_modules(model, module)
+    with edited([(mods[s.layer], s.row, s.col) for s in sws]):
+        with torch.no_grad():
+            for s in sws:
+                mods[s.layer].weight[s.row, s.col] *= factor
+        yield model
+
+
+def zeroed(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE):
+    """Set the super weights to zero (the paper's "prune SW")."""
+    return scaled(model, sws, 0.0, module)
+
+
+@contextlib.contextmanager
+def restored_activation(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE):
+    """Zero the super weights but write back each super activation Y[:, t, j] (t = token_index) as the
+    original weights produce it on the current input: the paper's "prune SW, restore SA" ablation."""
+    mods = ffn_out_modules(model, module)
+    rows: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, t, j) -> original effective weight row
+    for s in sws:
+        rows.setdefault((s.layer, s.token_index, s.row), effective_weight(mods[s.layer])[s.row].clone())
+    handles = []
+    for (layer, t, j), w_row in rows.items():
+        mod = mods[layer]
+        bias = None if getattr(mod, "bias", None) is None else mod.bias[j].detach()
+
+        def hook(m, args, out, t=t, j=j, w_row=w_row, bias=bias):
+            if out.shape[-2] <= t:
+                return out
+            x_t = effective_input(m, args[0])[..., t, :]  # (B, F)
+            y = F.linear(x_t, w_row.to(x_t.dtype)[None], None if bias is None else bias[None])[..., 0]
+            out = out.clone()
+            out[..., t, j] = y.to(out.dtype)
+            return out
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with zeroed(model, sws, module):
+            yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def largest_other_weights(model: nn.Module, sws: list[SuperWeight], n: int, scope: str = "down_proj",
+                          module: str = DEFAULT_MODULE) -> list[tuple[nn.Module, str, int, int, float]]:
+    """The n largest-|W| weights other than the super weights: (module, name, row, col, value), largest first.
+
+    scope "down_proj": the FFN output projections (the matrices super weights live in); "all": every linear
+    layer inside the decoder layers (never embeddings, norms or the LM head).
+    """
+    if scope == "down_proj":
+        named = [(f"layers.{i}.{module}", m) for i, m in enumerate(ffn_out_modules(model, module))]
+    elif scope == "all":
+        named = [(f"layers.{i}.{name}", m) for i, layer in enumerate(decoder_layers(model))
+                 for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    else:
+        raise UserError(f"scope must be 'down_proj' or 'all': got {scope!r}")
+    ffn = ffn_out_modules(model, module)
+    skip = {(id(ffn[s.layer]), s.row, s.col) for s in sws}
+    cands = []
+    for name, m in named:
+        w = m.weight.detach()
+        top = w.abs().flatten().topk(min(w.numel(), n + len(sws)))
+        for v, flat in zip(top.values.tolist(), top.indices.tolist()):
+            r, c = divmod(flat, w.shape[1])
+            if (id(m), r, c) not in skip:
+                cands.append((v, name, r, c, m))
+    cands.sort(key=lambda e: -e[0])
+    return [(m, name, r, c, float(m.weight[r, c].detach())) for _, name, r, c, m in cands[:n]]
+
+
+@contextlib.contextmanager
+def pruned_others(model: nn.Module, sws: list[SuperWeight], n: int, scope: str = "down_proj",
+                  module: str = DEFAULT_MODULE):
+    """Zero the n largest other weights (super weights kept); yields what was pruned."""
+    others = largest_other_weights(model, sws, n, scope, module)
+    with edited([(m, r, c) for m, _, r, c, _ in others]):
+        with torch.no_grad():
+            for m, _, r, c, _ in others:
+                m.weight[r, c] = 0
+        yield [(name, r, c, v) for _, name, r, c, v in others]
