@@ -192,7 +192,10 @@ def test_batch_and_prefill_fall_back_to_the_normal_forward():
         d = K.enable_sparse_decode(m)
         got_b, got_t = m(input_ids=ids).logits, m(input_ids=long).logits
         assert d.stats()["calls"] == 0
-        assert torch.equal(got_b, ref_b) and torch.equal(got_t, ref_t)  # the very same code ran
+        # the normal forward ran, now reading the weights in the kernel's W^T layout (same values, the BLAS
+        # sums in another order: fp32 rounding only)
+        torch.testing.assert_close(got_b, ref_b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_t, ref_t, rtol=1e-5, atol=1e-5)
         one = ids[:1]
         with d.paused():
             paused = m(input_ids=one).logits
@@ -201,7 +204,7 @@ def test_batch_and_prefill_fall_back_to_the_normal_forward():
         assert d.stats()["calls"] == 8
         torch.testing.assert_close(sparse, paused, rtol=1e-4, atol=1e-4)
         K.disable_sparse_decode(m)
-        assert torch.equal(m(input_ids=one).logits, paused)
+        assert torch.equal(m(input_ids=one).logits, paused)  # the same weights, the same normal forward
     assert not hasattr(m, "_sparse_decode")
     assert all("forward" not in mod.__dict__ for _, mod in Q.qsparse_linears(m))
 
@@ -217,12 +220,49 @@ def test_gradients_fall_back():
 
 def test_fused_groups_and_memory():
     m = _model()
+    n_linear = sum(mod.weight.numel() for _, mod in Q.qsparse_linears(m))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
     d = K.enable_sparse_decode(m)
     sizes = sorted((g.sw.d_in, g.sw.d_out, len(g.members)) for g in d.groups)
     dm, f = m.config.hidden_size, m.config.intermediate_size
     assert sizes == sorted([(dm, 3 * dm, 3), (dm, dm, 1), (dm, 2 * f, 2), (f, dm, 1)] * 2)
-    n_linear = sum(mod.weight.numel() for _, mod in Q.qsparse_linears(m))
-    assert d.extra_bytes == 4 * n_linear
+    # one layout: every weight is a transposed view of its group's W^T, same values, no second copy
+    assert d.extra_bytes == 0 and d.stats()["extra_bytes"] == 0
+    assert d.weight_bytes == 4 * sum(p.numel() for p in m.parameters())
+    for g in d.groups:
+        for mod, sl in zip(g.members, g.slices):
+            assert mod.weight.data_ptr() == g.sw.wt[:, sl].data_ptr() and mod.weight.stride() == (1, g.sw.d_out)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert sum(g.sw.nbytes for g in d.groups) == 4 * n_linear
+    # enabling again (or on a model sharing the parameters) reuses the layout
+    ptrs = [g.sw.wt.data_ptr() for g in d.groups]
+    d2 = K.enable_sparse_decode(m)
+    assert [g.sw.wt.data_ptr() for g in d2.groups] == ptrs
+    # a training step on the dense path changes what the kernel reads (no snapshot)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    m(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    opt.step()
+    m.eval()
+    ids = torch.tensor([[7]])
+    with torch.no_grad():
+        with d2.paused():
+            ref = m(input_ids=ids).logits
+        got = m(input_ids=ids).logits
+    assert d2.stats()["calls"] == 8
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # ternary weights keep their latent fp weights: the kernel reads a snapshot of the ternary values
+    t = _model(weight_bits="1.58")
+    dt = K.enable_sparse_decode(t)
+    assert dt.extra_bytes == 4 * sum(mod.weight.numel() for _, mod in Q.qsparse_linears(t))
+
+
+def test_moved_weights_are_caught():
+    m = _model()
+    K.enable_sparse_decode(m)
+    m.to(torch.float64).to(torch.float32)  # replaces every parameter's storage
+    with torch.no_grad(), pytest.raises(UserError, match="enable_sparse_decode"):
+        m(input_ids=torch.tensor([[3]]))
 
 
 def test_threshold_mode_is_labelled_and_close():

@@ -5,8 +5,9 @@ Features
   `nn.Linear` inside the decoder layers (q/k/v/o, gate/up/down; not the embeddings, not the LM head) for a
   `QSparseLinear` in place; the model stays a plain HF model and the settings go to `config.qsparse`.
 - Top-K by magnitude per token along the input dimension, K = round((1 - S) D_in), straight-through
-  gradient (dY/dX = dY/d(X*M)), exactly K kept per token (ties broken by position).
-  CPU fp32 uses a fused numba kernel (per-row quickselect + one masking pass); elsewhere torch.topk + scatter.
+  gradient (dY/dX = dY/d(X*M)), exactly K kept per token; one tie rule on every path and dtype (`topk_mask`):
+  the first ties by position. CPU uses numpy's partition + a fused numba masking pass (bf16/fp16 on their
+  exact fp32 values); elsewhere torch.topk for the K-th magnitude + a cumulative count of the ties.
 - Block Q-Sparse (N:M): top-K inside each block of `block` consecutive inputs.
 - BitNet b1.58: per-token absmax 8-bit activations (mask computed on the unquantized input), per-tensor
   absmean ternary weights with latent fp weights, both with the STE.
@@ -59,10 +60,25 @@ class QSparseSettings:
 # ----------------------------------------------------------------------------------------------------------
 # top-K selection
 
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest-|x| entries of the last dim, by the one tie rule of every path: all
+    entries above the k-th largest magnitude, then the first ties by position (torch ops, any device/dtype)."""
+    d = x.shape[-1]
+    if k >= d:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    a = x.abs()
+    t = torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th magnitude, exact
+    gt = a > t
+    ties = a == t
+    room = k - gt.sum(-1, keepdim=True)
+    return gt | (ties & (torch.cumsum(ties.to(torch.int32), -1) <= room))
+
+
 def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x with all but the k largest-|x| entries of the last dim zeroed (exactly k kept)."""
-    idx = torch.topk(x.abs(), k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+    """x with all but the k largest-|x| entries of the last dim zeroed (exactly k kept, first ties by position)."""
+    return torch.where(topk_mask(x, k), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 _numba_kernels: dict[bool, object] = {}
@@ -114,15 +130,17 @@ def _get_numba_kernel(parallel: bool = False):
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest-magnitude entries of the last dimension of x, per row (no gradient logic here).
 
-    CPU fp32: numpy's partition (a vectorised introselect, several times faster than torch.topk on CPU)
-    finds each row's k-th largest magnitude, then one fused numba pass masks the row. Elsewhere (CUDA, bf16):
-    torch.topk + scatter.
+    One tie rule on every path: all entries above the k-th largest magnitude, then the first ties by position.
+    CPU: numpy's partition (a vectorised introselect, several times faster than torch.topk on CPU) finds each
+    row's k-th largest magnitude, then one fused numba pass masks the row; bf16/fp16 run it on their exact
+    fp32 values (the same order and ties). Elsewhere (CUDA): `topk_mask` (torch.topk for the k-th magnitude,
+    a cumulative count for the ties).
     """
     d = x.shape[-1]
     if k >= d:
@@ -132,8 +150,12 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
             kernel = _get_numba_kernel(parallel=numba_threads() > 1)
         except ImportError:  # numba missing: torch path
             return _topk_torch(x, k)
+        if x.dtype != torch.float32:  # widening is exact: the fp32 values order and tie as the originals
+            return topk_sparsify(x.float(), k).to(x.dtype)
         x2 = x.detach().reshape(-1, d).contiguous().numpy()  # (R, D), shares memory
-        thr = np.partition(np.abs(x2), d - k, axis=1)[:, d - k].copy()  # (R,) k-th largest magnitude
+        a = np.abs(x2)
+        a.partition(d - k, axis=1)  # in place: no second copy of the rows
+        thr = a[:, d - k].copy()  # (R,) k-th largest magnitude
         out = torch.empty(x2.shape, dtype=x.dtype)
         kernel(x2, thr, k, out.numpy())
         return out.view(x.shape)
