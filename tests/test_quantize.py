@@ -135,7 +135,7 @@ def _capture_down_input(model, layer, store):
 
 def test_activation_fake_quant_replaces_and_restores_the_super_activation(model, tok):
     ids = torch.tensor([probes.encode(tok, "Summer is hot. Winter is cold.")])
-    sa = [(planted.PLANT_LAYER, 0, planted.COL_K)]
+    sa = [(planted.PLANT_LAYER, planted.COL_K)]
     errs = {}
     for aware in (False, True):
         seen = []  # pre-hooks run in registration order: the raw input, then (after fake quant) the quantized one
@@ -154,6 +154,32 @@ def test_activation_fake_quant_replaces_and_restores_the_super_activation(model,
             assert xq[0, 0, planted.COL_K] == x[0, 0, planted.COL_K]  # restored in full precision
     assert errs[True] < errs[False] / 100  # the ~18 spike no longer sets the range of the other ~0.01 values
     assert not model.model.layers[1].mlp.down_proj._forward_pre_hooks
+
+
+def test_activation_fake_quant_finds_the_super_activation_in_each_sequence(model, tok):
+    """BOS at positions 0, 4 and 9 of three sequences (windows cut from a stream): each sequence's super
+    activation is kept in full precision where it is, and no longer sets the range of the rest."""
+    ids = planted.self_generated(model, tok, n_seq=3, prompt_len=1, length=12)
+    ids = torch.stack([torch.roll(r, s) for r, s in zip(ids, (0, 4, 9))])
+    where = [(0, 0), (1, 4), (2, 9)]
+    errs = {}
+    for aware in (False, True):
+        seen = []
+        first = _capture_down_input(model, planted.PLANT_LAYER, seen)
+        with qz.fake_quant_activations(model, 8, "tensor", [(planted.PLANT_LAYER, planted.COL_K)] if aware else ()):
+            last = _capture_down_input(model, planted.PLANT_LAYER, seen)
+            with torch.no_grad():
+                model(input_ids=ids)
+        first.remove(), last.remove()
+        x, xq = seen
+        mask = torch.ones_like(x, dtype=torch.bool)
+        for b, t in where:
+            assert x[b, t, planted.COL_K] > 15  # the super activation sits on each sequence's BOS
+            mask[b, t, planted.COL_K] = False
+            if aware:
+                assert xq[b, t, planted.COL_K] == x[b, t, planted.COL_K]  # restored in full precision
+        errs[aware] = float(((xq - x)[mask] ** 2).mean())
+    assert errs[True] < errs[False] / 100
 
 
 def test_sweep_points_and_super_weight_awareness(model, tok):

@@ -1,6 +1,7 @@
 """Super weights on a planted fixture: exact detection, nothing on random models, bit-exact restoration,
 ablations that behave as in the paper, known coordinates, bad input, and the CLI on a saved checkpoint."""
 
+import contextlib
 import json
 
 import pytest
@@ -171,6 +172,56 @@ def test_restoring_the_super_activation_recovers_most_of_the_loss(model, ids):
     assert not model.model.layers[1].mlp.down_proj._forward_hooks
 
 
+@pytest.mark.parametrize("offset", [12, 6])
+def test_restoring_per_sequence_works_on_windows_with_bos_mid_window(model, tok, offset):
+    """Through the evaluation path (contiguous windows of a stream): every window holds one BOS, at 24 - offset.
+    The fixed-index rule writes back position 0 (no super activation there) and recovers nothing; the
+    per-sequence rule finds the BOS in each window and recovers all of the loss increase."""
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    stream = planted.self_generated(model, tok, n_seq=17, prompt_len=1, length=24).flatten().numpy()[offset:]
+    windows = stream[: 16 * 24].reshape(16, 24)
+    assert ((windows == tok.bos_token_id).sum(1) == 1).all() and (windows[:, 24 - offset] == tok.bos_token_id).all()
+
+    def val_loss():
+        return probes.perplexity(model, stream, 24, 16 * 24, 8)["loss"]
+
+    base = val_loss()
+    with sw.zeroed(model, sws):
+        zero = val_loss()
+    with sw.restored_activation(model, sws, position=0):
+        fixed = val_loss()
+    with sw.restored_activation(model, sws):
+        per_sequence = val_loss()
+    assert zero - base > 0.1
+    assert abs((zero - fixed) / (zero - base)) < 0.05  # measured 0.004 (offset 12), -0.002 (offset 6)
+    assert 1.0 <= (zero - per_sequence) / (zero - base) < 1.3  # measured 1.09, 1.17
+
+
+def test_super_positions_are_found_per_sequence(model, tok):
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    ids = planted.self_generated(model, tok, n_seq=3, prompt_len=1, length=12)
+    bos = ids[:, :1]
+    rolled = torch.stack([torch.roll(r, s) for r, s in zip(ids, (0, 5, 11))])  # BOS at 0, 5, 11
+    assert [int((r == bos[0, 0]).nonzero()) for r in rolled] == [0, 5, 11]
+    seen = []
+    down = model.model.layers[planted.PLANT_LAYER].mlp.down_proj
+    with torch.no_grad():
+        for restore in (False, True):
+            with sw.restored_activation(model, sws) if restore else contextlib.nullcontext():
+                # forward hooks run in registration order: this one, registered last, sees the final output
+                h = down.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+                model(input_ids=rolled)
+                h.remove()
+    orig, restored = seen
+    assert sw.super_positions(orig[..., planted.ROW_J]).tolist() == [0, 5, 11]
+    for b, t in enumerate((0, 5, 11)):  # written back exactly where each sequence has its BOS
+        assert restored[b, t, planted.ROW_J] == pytest.approx(float(orig[b, t, planted.ROW_J]), rel=1e-5)
+        assert orig[b, t, planted.ROW_J] > 5
+    other = torch.ones(3, 12, dtype=torch.bool)
+    other[[0, 1, 2], [0, 5, 11]] = False
+    assert restored[..., planted.ROW_J][other].abs().max() < 0.1  # elsewhere: zeroed weight, no super activation
+
+
 def test_scale_factor_one_is_the_original_and_the_curve_has_its_minimum_there(model, ids):
     sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
     ref = state(model)
@@ -279,6 +330,9 @@ def test_cli_ablate_writes_ablation_and_scale(model, tok, tmp_path):
     assert len(orig["top_tokens"]) == 10
     assert abl["settings"]["same_tokenizer"] is True
     assert abl["conditions"][1]["val"]["loss"] != orig["val"]["loss"]
+    lo, zero, rest = (abl["conditions"][i]["val"]["loss"] for i in range(3))
+    assert abl["summary"]["restore_recovered_fraction"] == pytest.approx((zero - rest) / (zero - lo))
+    assert abl["settings"]["restore"].startswith("per sequence")
     scale = json.loads((out / "scale.json").read_text())
     assert scale["factors"] == [0, 1, 2] and [p["factor"] for p in scale["points"]] == [0, 1, 2]
     assert scale["points"][1]["val"]["loss"] == orig["val"]["loss"]  # factor 1 = the original

@@ -3,8 +3,10 @@
 Features
 - `zeroed(model, sws)`: the super weights set to 0 (the paper's "prune SW"); `scaled(model, sws, factor)`:
   multiplied by `factor` (0 = pruned, 1 = original; the paper's 0..3 scaling curve).
-- `restored_activation(model, sws)`: zeroed, but a hook writes back each super activation Y[:, t, j]
-  exactly as the original weights would have produced it (the paper's "prune SW, restore SA").
+- `restored_activation(model, sws)`: zeroed, but a hook writes back each super activation Y[b, t, j] exactly
+  as the original weights would have produced it (the paper's "prune SW, restore SA"), per sequence at the
+  position where |Y[b, :, j]| is largest (`super_positions`), as the paper's code does: evaluation windows cut
+  from a stream have their BOS anywhere. `position=t` keeps the older fixed-index rule for comparison.
 - `largest_other_weights(model, sws, n)` and `pruned_others(model, sws, n)`: the n largest-|W| other weights
   (super weights kept) zeroed: the paper's "7,000 outliers" control.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from sparsescale.errors import UserError
 from sparsescale.layout import decoder_layers, ffn_out_modules
 from sparsescale.superweight.detect import (
-    DEFAULT_MODULE, SuperWeight, edited, effective_input, effective_weight,
+    DEFAULT_MODULE, SuperWeight, edited, effective_input, effective_weight, super_positions,
 )
 
 
@@ -41,25 +43,39 @@ def zeroed(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODUL
 
 
 @contextlib.contextmanager
-def restored_activation(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE):
-    """Zero the super weights but write back each super activation Y[:, t, j] (t = token_index) as the
-    original weights produce it on the current input: the paper's "prune SW, restore SA" ablation."""
+def restored_activation(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE,
+                        position: int | None = None):
+    """Zero the super weights but write back each super activation Y[b, t, j] as the original weights produce
+    it: the paper's "prune SW, restore SA" ablation.
+
+    position None (the paper's code): per sequence b, at t = argmax_t |Y[b, t, j]| of the original weights on
+    the layer's current input (the unmodified model's own Y in the first super-weight layer: zeroing a weight
+    does not change its own layer's input). An int: that fixed token index in every sequence (right only when
+    every sequence starts with BOS; a window cut from a stream has its BOS anywhere, or none).
+    """
     mods = ffn_out_modules(model, module)
-    rows: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, t, j) -> original effective weight row
+    rows: dict[tuple[int, int], torch.Tensor] = {}  # (layer, j) -> original effective weight row (F,)
     for s in sws:
-        rows.setdefault((s.layer, s.token_index, s.row), effective_weight(mods[s.layer])[s.row].clone())
+        rows.setdefault((s.layer, s.row), effective_weight(mods[s.layer])[s.row].clone())
     handles = []
-    for (layer, t, j), w_row in rows.items():
+    for (layer, j), w_row in rows.items():
         mod = mods[layer]
         bias = None if getattr(mod, "bias", None) is None else mod.bias[j].detach()
 
-        def hook(m, args, out, t=t, j=j, w_row=w_row, bias=bias):
-            if out.shape[-2] <= t:
+        def hook(m, args, out, j=j, w_row=w_row, bias=bias):
+            x = effective_input(m, args[0])  # (B, T, F) or (T, F)
+            y = F.linear(x, w_row.to(x.dtype)[None], None if bias is None else bias[None])[..., 0]  # (B, T)
+            y2 = y.reshape(-1, y.shape[-1])  # (B, T)
+            if position is None:
+                t = super_positions(y2)  # (B,)
+            elif position < y2.shape[-1]:
+                t = torch.full((y2.shape[0],), position, dtype=torch.long, device=y2.device)
+            else:
                 return out
-            x_t = effective_input(m, args[0])[..., t, :]  # (B, F)
-            y = F.linear(x_t, w_row.to(x_t.dtype)[None], None if bias is None else bias[None])[..., 0]
+            b = torch.arange(y2.shape[0], device=y2.device)
             out = out.clone()
-            out[..., t, j] = y.to(out.dtype)
+            out2 = out.view(-1, *out.shape[-2:])  # (B, T, D)
+            out2[b, t, j] = y2[b, t].to(out.dtype)
             return out
 
         handles.append(mod.register_forward_hook(hook))

@@ -174,7 +174,8 @@ def cli_ablate(argv: list[str]) -> int:
     note = None if sws else "no super weight detected: nothing to ablate (only the original model is measured)"
     common = {"model": a.model, "detect": a.detect, "super_weights": [dataclasses.asdict(s) for s in sws],
               "siblings": siblings(sws), "settings": {"seq_len": seq_len, "val_tokens": a.val_tokens,
-              "n_prompts": len(prompts), "same_tokenizer": data["same_tokenizer"], "module": a.module},
+              "n_prompts": len(prompts), "same_tokenizer": data["same_tokenizer"], "module": a.module,
+              "restore": "per sequence, at argmax_t |Y[b, t, j]| of the original weights"},
               "note": note, "versions": versions()}
     out = Path(a.out)
     write_json(out / "ablation.json", {**common, "conditions": conditions, "summary": summary})

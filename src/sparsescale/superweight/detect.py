@@ -108,6 +108,14 @@ def edited(coords: list[tuple[nn.Module, int, int]]):
                 m.weight[r, c] = v
 
 
+def super_positions(y: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the position of the super activation: argmax_t |y[b, t]| of one channel, (B, T) -> (B,).
+
+    The paper's code finds it per sequence in the unmodified model; it is where BOS sits (the first token of
+    a prompt, anywhere in a window cut from a stream)."""
+    return y.abs().argmax(dim=-1)
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -19,8 +19,9 @@ Features
   calibration stream from the TRAIN split; perplexity is measured on the validation split.
 - `fake_quant_activations(model, bits, "tensor"|"token", super_activations)`: the input of every decoder
   linear quantized/dequantized (asymmetric RTN, per tensor or per token); at each super activation (the
-  down_proj input X[:, t, k] of a super weight's layer) the value is replaced by the median before
-  quantization (so it does not set the range) and restored in full precision after.
+  down_proj input X[b, t, k] of a super weight's layer, t found per sequence where |X[b, :, k]| is largest)
+  the value is replaced by the median before quantization (so it does not set the range) and restored in
+  full precision after.
 - `sweep(...)`: plain RTN vs super-weight-aware over bits x block sizes (the paper's Fig. 7 in miniature),
   plus W8A8 naive vs super-activation-aware; `sparsescale superweight quantize` (in `superweight.cli`) runs it on a checkpoint.
 """
@@ -39,6 +40,7 @@ from sparsescale.data import val_batches
 from sparsescale.errors import UserError
 from sparsescale.layout import DEFAULT_FFN_OUT, decoder_layers, ffn_out_modules
 from sparsescale.superweight import probes
+from sparsescale.superweight.detect import super_positions
 
 GRANULARITIES = ("tensor", "channel")
 DEFAULT_BLOCKS = ("64", "256", "1024", "4096", "16384")
@@ -166,30 +168,36 @@ def quantized(model: nn.Module, bits: int, block: int | str, z: float | None = N
 @contextlib.contextmanager
 def fake_quant_activations(model: nn.Module, bits: int = 8, granularity: str = "tensor", super_activations=(),
                            module: str | None = None):
-    """Quantize/dequantize the input of every decoder linear (asymmetric RTN per tensor or per token);
-    super activations (layer, token_index, col) of the FFN output projection's input are replaced by the
-    median before quantization and restored after."""
+    """Quantize/dequantize the input of every decoder linear (asymmetric RTN per tensor or per token).
+
+    super_activations: (layer, k) channels of the FFN output projection's input; in each sequence b the super
+    activation X[b, t, k] at t = argmax_t |X[b, t, k]| (`super_positions`: where that sequence's BOS is) is
+    replaced by the median (of the tensor, or of that token) before quantization and restored after.
+    """
     bits = check_bits(bits)
     if granularity not in ("tensor", "token"):
         raise UserError(f"activation granularity must be 'tensor' or 'token': got {granularity!r}")
     special = defaultdict(list)
     if super_activations:
         mods = ffn_out_modules(model, module or DEFAULT_FFN_OUT)
-        for layer, t, k in super_activations:
-            special[id(mods[layer])].append((t, k))
+        for layer, k in super_activations:
+            special[id(mods[layer])].append(k)
 
     def hook(m, args):
         x = args[0]  # (B, T, F)
-        spots = [(t, k) for t, k in special.get(id(m), ()) if t < x.shape[-2]]
         x32 = x.detach().float().clone()
-        kept = [x32[..., t, k].clone() for t, k in spots]
-        for t, k in spots:  # the median of what sets the range: the whole tensor, or that token
-            x32[..., t, k] = x32.median() if granularity == "tensor" else x32[..., t, :].median(dim=-1).values
+        x3 = x32.view(-1, *x32.shape[-2:])  # (B, T, F), shares x32's storage
+        b = torch.arange(x3.shape[0], device=x3.device)
+        spots = [(super_positions(x3[..., k]), k) for k in special.get(id(m), ())]  # ((B,), k)
+        kept = [x3[b, t, k].clone() for t, k in spots]
+        median = x3.median() if granularity == "tensor" else None  # what sets the range: the tensor, or the token
+        for t, k in spots:
+            x3[b, t, k] = median if median is not None else x3[b, t, :].median(dim=-1).values
         rows = x32.reshape(1, -1) if granularity == "tensor" else x32.reshape(-1, x32.shape[-1])
-        xq = rtn_rows(rows, bits)[0].view_as(x32)
+        xq = rtn_rows(rows, bits)[0].view_as(x3)
         for (t, k), v in zip(spots, kept):
-            xq[..., t, k] = v
-        return (xq.to(x.dtype), *args[1:])
+            xq[b, t, k] = v
+        return (xq.view_as(x).to(x.dtype), *args[1:])
 
     handles = [m.register_forward_pre_hook(hook) for _, _, m in linear_targets(model)]
     try:
@@ -256,7 +264,7 @@ def sweep(model: nn.Module, eval_tokens, calib_tokens, super_weights=(), bits=(3
                 log(f"W{b} block {blk:>6} {method:>8}: ppl {res['ppl']:.3f} (z={z})")
     act_points = []
     if act_bits:
-        sas = [(s.layer, s.token_index, s.col) for s in super_weights]
+        sas = sorted({(s.layer, s.col) for s in super_weights})  # positions found per sequence
         for gran in act_granularities:
             for aware in (False, True):
                 with quantized(model, 8, "channel", module=module), \
