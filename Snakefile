@@ -11,12 +11,17 @@ min_version("9.0")
 configfile: "config/default.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+include: "workflow/rules/checks.smk"
+
+
+# the schema and the data paths, each error as one short message
+check_config(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/lmeval.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/figures.smk"
@@ -28,3 +33,4 @@ rule all:
     default_target: True
     input:
         all_targets(),
+        lmeval_targets(),

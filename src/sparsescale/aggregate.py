@@ -3,6 +3,8 @@
 - results/tables/runs.csv: one row per run with every scalar field of final.json (nested fields as JSON text),
   plus `eval_val_loss` from eval.json when present, and a `status` column: "ok", or "diverged"/"missing" for
   runs that were asked for but did not finish (their val_loss is empty; the fit skips and lists them).
+- `lmeval_*` columns from lmeval.json (`sparsescale lm-eval`, the optional lmeval rule) when present.
+- A path that does not exist (e.g. an unmatched glob, `/nonexistent/*`) is one UserError; nothing is written.
 - results/tables/curves.csv: the training curves (step, tokens, train_loss, val_loss) of every finished run.
 Rows are sorted, floats written at full precision, so the same inputs give byte-identical files.
 """
@@ -32,6 +34,9 @@ def _row(run_dir: Path) -> dict:
     if ev.exists():
         e = read_json(ev)
         row["eval_val_loss"] = e.get("val_loss")
+    lm = run_dir / "lmeval.json"
+    if lm.exists():
+        row.update({f"lmeval_{k}": v for k, v in read_json(lm).get("scores", {}).items()})
     return row
 
 
@@ -79,6 +84,12 @@ def cli_aggregate(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories (results/runs/{run_id}) or their final.json files")
     p.add_argument("--out", default="results/tables", help="directory for runs.csv and curves.csv")
     a = p.parse_args(argv)
+    absent = [r for r in a.runs if not Path(r).exists()]
+    if absent:
+        raise UserError(f"{len(absent)} of the {len(a.runs)} run paths do not exist: {', '.join(absent[:5])}"
+                        + (" ..." if len(absent) > 5 else "")
+                        + "; pass run directories (results/runs/{run_id}) or their final.json files "
+                        "(a glob that matched nothing reaches this command as it was typed)")
     dirs = sorted({(Path(r).parent if Path(r).name.endswith(".json") else Path(r)) for r in a.runs})
     runs, curves = aggregate(dirs)
     out = Path(a.out)

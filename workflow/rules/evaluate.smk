@@ -27,6 +27,7 @@ rule evaluate:
 rule aggregate:
     input:
         finished_or_pending,
+        lmeval_scores,
     output:
         runs=f"{R}/tables/runs.csv",
         curves=f"{R}/tables/curves.csv",

@@ -1,0 +1,65 @@
+# Config checks run while the Snakefile is parsed (so `snakemake -n` catches them): the schema, reported as one
+# short message (the bad key or value, where it is, a close key name), and paths the config names.
+import difflib
+import os
+import glob
+
+from snakemake.exceptions import WorkflowError
+
+
+def _where(path):
+    out = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    return out or "the top level"
+
+
+def config_error_message(err):
+    """A schema error as three lines: what is wrong, where, how to fix it (not the schema and the config)."""
+    # snakemake raises its WorkflowError while handling jsonschema's ValidationError
+    cause = err.__context__
+    if not hasattr(cause, "validator"):
+        return str(err)
+    lines = [
+        f"ValidationError: {cause.message}",
+        f"  at: {_where(cause.absolute_path)}",
+    ]
+    if cause.validator == "additionalProperties" and isinstance(cause.instance, dict):
+        known = list(cause.schema.get("properties", {}))
+        for key in cause.instance:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                lines.append(
+                    f"  fix: {key!r} is not a config key; {hint}known keys: {', '.join(known)}"
+                )
+    lines.append(
+        "  every key is documented in config/default.yaml (schema: workflow/schemas/config.schema.yaml)"
+    )
+    return "Error validating config file.\n" + "\n".join(lines)
+
+
+def check_config(config, schema):
+    try:
+        validate(config, schema)
+    except WorkflowError as err:
+        raise WorkflowError(config_error_message(err)) from None
+    check_data_files(config)
+
+
+def check_data_files(config):
+    """data.source files: every glob of data.files must match a file (checked here, not when `prepare` runs)."""
+    d = config["data"]
+    if d["source"] != "files":
+        return
+    if not d.get("files"):
+        raise WorkflowError(
+            "config data.files is empty but data.source is 'files': list the corpus files "
+            "(globs of .txt / .jsonl, e.g. files: ['corpus/*.txt'])"
+        )
+    missing = [
+        g for g in d["files"] if not glob.glob(os.path.expanduser(g), recursive=True)
+    ]
+    if missing:
+        raise WorkflowError(
+            f"config data.files: {', '.join(map(repr, missing))} matches no file (relative to the working "
+            f"directory {os.getcwd()}); fix the path or the glob in your config file"
+        )
