@@ -21,7 +21,7 @@ STAMP := $(BIN)/.sparsescale-setup
 # Snakemake's jobs call `sparsescale ...`: the environment's bin/ goes first on PATH for every recipe
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test smoke lint dryrun-paper bench clean
+.PHONY: setup run test smoke lint dryrun-paper clean
 
 setup: $(STAMP)
 

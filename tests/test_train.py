@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 from sparsescale import data as D
 from sparsescale import train as T
 from sparsescale.cli import main as cli
-from sparsescale.config import TrainConfig
+from sparsescale.config import RUN_ID_PATTERN, TrainConfig, field_docs, run_id
 from sparsescale.errors import TrainingDiverged, UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "english.jsonl"
@@ -54,6 +55,14 @@ def test_val_loss_falls_clearly_on_real_text(data_dir, tmp_path):
     assert saved["val_loss"] == pytest.approx(final["val_loss"])
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    # the last step's validation is the final one (measured once), and the run's cost is recorded
+    assert vals[-1] == final["val_loss"] and metrics(tmp_path / "run")[-1]["step"] == 120
+    phases = final["phase_seconds"]
+    assert set(phases) == set(T.Clock.PHASES) and phases["startup"] == 0.0  # called in-process: no start-up
+    assert all(v >= 0 for v in phases.values()) and phases["steps"] > 0 and phases["save"] > 0
+    assert final["wall_seconds"] == pytest.approx(sum(phases.values()), rel=0.05)
+    assert 0 < final["wall_time_s"] < final["wall_seconds"]
+    assert 0 < final["core_seconds"] < 4 * final["wall_seconds"]  # threads=1 (+ a few helper threads)
 
 
 def test_same_seed_identical_curve(data_dir, tmp_path):
@@ -79,10 +88,15 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("*.pt")) == \
         ["step_00000005.pt", "step_00000010.pt"]
     monkeypatch.setattr(D, "get_batch", real_get_batch)
+    before = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000010.pt", weights_only=False)["times"]
+    assert before["wall_time_s"] > 0 and before["core_seconds"] > 0
     resumed = T.train(cfg(data_dir, tmp_path / "resumed"))
     assert resumed["resumed_from_step"] == 10
     assert resumed["val_loss"] == full["val_loss"]
     assert strip_times(metrics(tmp_path / "resumed")) == strip_times(metrics(tmp_path / "full"))
+    # the times of a resumed run cover the session before the kill (what its checkpoint carried)
+    for key in ("wall_time_s", "wall_seconds", "core_seconds"):
+        assert resumed[key] > before[key] > 0, key
 
 
 def test_corrupted_checkpoint_falls_back_to_previous(data_dir, tmp_path, monkeypatch):
@@ -167,3 +181,36 @@ def test_lr_schedule():
     lrs = [T.lr_at(s, 100, c) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_every_flag_has_its_field_docstring_as_help(capsys):
+    docs = field_docs(TrainConfig)
+    assert len(docs) == len(dataclasses.fields(TrainConfig)) == 33
+    assert docs["lr"] == "peak learning rate (AdamW)"
+    assert docs["tokens"] == "token budget; None = tokens_per_param x n_params"
+    helps = {a.dest: a.help for a in T.config_parser("sparsescale train")._actions}
+    for name, doc in docs.items():
+        assert helps[name].replace("%%", "%") == doc, name
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--micro-batch-size MICRO_BATCH_SIZE sequences per forward/backward per process" in text
+
+
+def test_field_docs_needs_a_docstring_under_every_field():
+    @dataclasses.dataclass
+    class Partly:
+        a: int = 0
+        """documented"""
+        b: int = 1
+
+    with pytest.raises(AssertionError, match=r"Partly fields without a docstring: \['b'\]"):
+        field_docs(Partly)
+
+
+def test_run_id_one_pattern():
+    assert RUN_ID_PATTERN == "{size}-s{s}-b{prec}-seed{seed}"
+    assert run_id("d4", 0.6, "1.58", 0) == "d4-s0.60-b1.58-seed0"
+    assert run_id("d4", "0.5", "fp", "1", "continue", block=8) == "d4-s0.50-bfp-seed1-nm8-continue"
+    c = TrainConfig(size="d3", sparsity=0.125, precision="fp", seed=2, block=16, mode="finetune", init_from="m")
+    assert c.run_id == "d3-s0.12-bfp-seed2-nm16-finetune" == run_id("d3", 0.125, "fp", 2, "finetune", 16)

@@ -3,6 +3,7 @@ the paper config's DAG, schema errors and a targeted rerun."""
 
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,64 @@ def test_bad_config_fails_at_startup(tmp_path, sweep, key):
     out = p.stdout + p.stderr
     assert key in out and "On instance['sweep']" in out, out[-3000:]
     assert not (wd / "results").exists()
+
+
+def train_commands(*configfiles, cwd=ROOT) -> dict[str, list[str]]:
+    """The `sparsescale train` command lines of a forced dry run, by rule name."""
+    p = snakemake("-n", "-p", "--forceall", "--configfile", *configfiles, cwd=cwd)
+    out, rule = {}, None
+    for line in p.stdout.splitlines():
+        if line.startswith("rule "):
+            rule = line[5:].rstrip(":")
+        elif line.startswith("Shell command: sparsescale train "):
+            out.setdefault(rule, []).append(line.removeprefix("Shell command: ").split(" > ")[0])
+    return out
+
+
+def run_config(command: str):
+    """(the run directory's name, TrainConfig from the command's flags); the launcher flags are dropped."""
+    from sparsescale.config import TrainConfig
+    from sparsescale.train import config_from_args, config_parser
+
+    argv = shlex.split(command)[2:]
+    p = config_parser("sparsescale train")
+    p.add_argument("--nproc-per-node")
+    p.add_argument("--nnodes")
+    a = p.parse_args(argv)
+    del a.nproc_per_node, a.nnodes
+    cfg = config_from_args(a)
+    assert isinstance(cfg, TrainConfig)
+    return Path(cfg.out).name, cfg
+
+
+@pytest.mark.parametrize("configfile", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
+def test_rule_run_ids_are_train_config_run_ids(configfile):
+    conf = yaml.safe_load((ROOT / "config" / configfile).read_text())
+    defaults = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
+    sweep = {**defaults["sweep"], **conf.get("sweep", {})}
+    expected = {"train": len(sweep["sizes"]) * len(sweep["sparsity"]) * len(sweep["precision"]) * len(sweep["seeds"])}
+    for mode in ("continue", "finetune"):
+        stage = {**defaults[mode], **conf.get(mode, {})}
+        if stage["enabled"]:
+            expected[f"train_{mode}"] = len(stage["sparsity"]) * len(stage["precision"]) * len(sweep["seeds"])
+    commands = train_commands(f"config/{configfile}")
+    assert {rule: len(c) for rule, c in commands.items()} == expected
+    for rule, lines in commands.items():
+        for line in lines:
+            name, cfg = run_config(line)
+            assert name == cfg.run_id, line
+            assert cfg.mode == ("scratch" if rule == "train" else rule.removeprefix("train_"))
+
+
+def test_continue_and_finetune_jobs_launch_on_every_gpu(tmp_path):
+    (tmp_path / "gpu2.yaml").write_text(yaml.safe_dump(
+        {"resources": {"train": {"threads": 1, "gpu": 2, "nodes": 1, "mem_mb": 2000, "runtime": 10}}}))
+    commands = train_commands("config/smoke.yaml", str(tmp_path / "gpu2.yaml"))
+    assert sorted(commands) == ["train", "train_continue", "train_finetune"]
+    for rule, lines in commands.items():
+        for line in lines:
+            assert line.startswith("sparsescale train --nproc-per-node 2 --nnodes 1 --data "), (rule, line)
+    (cont,) = commands["train_continue"]
+    name, cfg = run_config(cont)
+    assert name == "d2-s0.50-bfp-seed0-continue" and cfg.lr == 1e-3 and cfg.tokens == 5120
+    assert cfg.init_from == "results/smoke/runs/d2-s0.00-bfp-seed0/model"

@@ -12,13 +12,20 @@ Features
                      K = round((1 - S) D_in) of its D_in input columns.
   It is checked against `numel()` of the built model for every entry of the table (tests).
 - `cli_sizes`: `sparsescale sizes` prints the table.
+- `TrainConfig`: everything that defines one training run, one docstring per field (`field_docs` reads them:
+  they are the `sparsescale train --help` text); `MODES`, `PRECISIONS` (the one definition of the precisions).
+- The run id, defined once: `RUN_ID_PATTERN` (with wildcards, for the workflow's paths), `run_id(...)` and
+  `run_id_suffix(mode, block)`; `TrainConfig.run_id` and the Snakemake rules both use them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import math
-from dataclasses import asdict, dataclass
+import textwrap
+from dataclasses import dataclass, fields
 
 from sparsescale.errors import UserError
 
@@ -123,15 +130,27 @@ def cli_sizes(argv: list[str]) -> int:
     return 0
 
 
-def size_dict(name: str) -> dict:
-    return {"size": name, **asdict(get_size(name))}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One training run
 
 MODES = ("scratch", "continue", "finetune")
-PRECISIONS = ("fp", "1.58")
+PRECISIONS = ("fp", "1.58")  # the one definition: weight precisions of the sweep (fp, BitNet b1.58)
+
+RUN_ID_PATTERN = "{size}-s{s}-b{prec}-seed{seed}"
+"""The run id with Snakemake-style wildcards ({s}: the sparsity with two decimals); `run_id` fills it in and
+`run_id_suffix` appends the N:M block and the mode. The workflow's rules build their paths from these."""
+
+
+def run_id_suffix(mode: str = "scratch", block: int | None = None) -> str:
+    """What follows RUN_ID_PATTERN: `-nm{block}` for Block Q-Sparse, then `-{mode}` unless scratch."""
+    return (f"-nm{block}" if block else "") + ("" if mode == "scratch" else f"-{mode}")
+
+
+def run_id(size: str, sparsity: float | str, precision: str, seed: int | str, mode: str = "scratch",
+           block: int | None = None) -> str:
+    """Readable and stable, e.g. d4-s0.60-b1.58-seed0, d4-s0.50-bfp-seed0-nm8-continue."""
+    return RUN_ID_PATTERN.format(size=size, s=f"{float(sparsity):.2f}", prec=precision, seed=seed) \
+        + run_id_suffix(mode, block)
 
 
 @dataclass
@@ -227,12 +246,25 @@ class TrainConfig:
 
     @property
     def run_id(self) -> str:
-        """Readable and stable, e.g. d4-s0.60-b1.58-seed0 (mode appended unless scratch)."""
-        rid = f"{self.size}-s{self.sparsity:.2f}-b{self.precision}-seed{self.seed}"
-        if self.block:
-            rid += f"-nm{self.block}"
-        return rid if self.mode == "scratch" else f"{rid}-{self.mode}"
+        """`run_id(size, sparsity, precision, seed, mode, block)`, e.g. d4-s0.60-b1.58-seed0."""
+        return run_id(self.size, self.sparsity, self.precision, self.seed, self.mode, self.block)
 
     @property
     def out_dir(self) -> str:
         return self.out or f"results/runs/{self.run_id}"
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """The docstring under each field of a dataclass (`name: type = default` then a string), read from its source:
+    the one source of the `sparsescale train` flags' --help text."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    missing = [f.name for f in fields(cls) if f.name not in docs]
+    if missing:
+        raise AssertionError(f"{cls.__name__} fields without a docstring: {missing}")  # a programming error
+    return docs

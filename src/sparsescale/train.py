@@ -1,16 +1,25 @@
 """`train(cfg)`: one readable training loop for every run of the sweep (no Trainer class hierarchy).
 
 Features
+- `train(cfg)` reads top to bottom as named steps: `plan` (data, budget, intervals, checks), `build_model`,
+  `resume` (run directory, newest checkpoint that verifies), `distribute` (DDP/FSDP wrapper, optimizer),
+  `train_step` (one optimizer step), `validation_loss` at intervals, `save_checkpoint`, then `evaluate` (the
+  end-of-run evaluation row), `final_record` (final.json) and `save` (model, then final.json).
 - Modes: scratch (ReLU^2 GLU Llama, Q-Sparse from step 0), continue (load a dense checkpoint, ours or any HF
   Llama-style path, convert it, keep training; a SiLU model keeps SiLU), finetune (start from a checkpoint with
   a small learning rate on another dataset).
 - AdamW (0.9, 0.95), weight decay on matrices only, linear warm-up + cosine decay, gradient clipping,
-  gradient accumulation; bf16 autocast (and optional torch.compile) on CUDA, fp32 on CPU.
+  gradient accumulation; bf16 autocast (`autocast`, and optional torch.compile) on CUDA, fp32 on CPU.
 - Token budget fixed or proportional to N; validation loss (nats/token) on a fixed set at intervals and at
-  the end; measured sparsity per projection; a progress bar with loss and tokens/s.
-- Checkpoints written atomically with a sha256 sidecar every M steps and at the end; a rerun resumes from the
-  latest checkpoint that verifies (a corrupted one is skipped with a warning). The batch stream is a pure
-  function of (seed, step), so a resumed run equals an uninterrupted one bit for bit on CPU.
+  the end (the last step's measurement is the final one: it is not repeated); measured sparsity per
+  projection; a progress bar with loss and tokens/s.
+- Checkpoints written atomically with a sha256 sidecar every M steps; a rerun resumes from the latest
+  checkpoint that verifies (a corrupted one is skipped with a warning). The batch stream is a pure function of
+  (seed, step), so a resumed run equals an uninterrupted one bit for bit on CPU. Checkpoints carry the run's
+  time so far, so the times of a resumed run cover all of it.
+- Cost in final.json: `wall_time_s` (the training loop), `wall_seconds` (the whole process, start-up included)
+  and `core_seconds` (process CPU time, all threads, summed over ranks), `phase_seconds` (start-up, setup,
+  steps, validation, checkpoints, final evaluation, save).
 - A NaN/inf loss stops the run with a clear message (exit 3) and leaves no final.json.
 - Output in results/runs/{run_id}/: config.json, metrics.jsonl, final.json (written last: it marks the run
   complete), model/ (HF checkpoint, safetensors).
@@ -18,11 +27,13 @@ Features
   through torchrun (srun + torchrun across SLURM nodes); DDP or FSDP (`distributed.py`); the global batch stays
   batch_size x seq_len tokens whatever the number of processes; checkpoints hold full state dicts, so a run
   resumes on any number of processes; only rank 0 writes files.
+- CLI: every TrainConfig field is a flag whose --help is the field's docstring (`config.field_docs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,13 +45,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
 
 from sparsescale import data as D
+from sparsescale import distributed as dist
 from sparsescale import model as M
 from sparsescale import qsparse as Q
-from sparsescale.config import TrainConfig, count_params, get_size
+from sparsescale.config import TrainConfig, count_params, field_docs, get_size
 from sparsescale.errors import TrainingDiverged, UserError
 from sparsescale.io import atomic_path, read_json, sha256_file, versions, write_json
+
+GROUPS = ("qkv", "o", "gate_up", "down")  # projection groups of measured sparsity (qsparse.PROJECTION_GROUPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,6 +69,11 @@ def pick_device(name: str) -> str:
         warnings.warn("device=cuda asked for but CUDA is not available: falling back to CPU")
         return "cpu"
     return name
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU trains and evaluates in fp32)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -83,9 +104,7 @@ def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: in
 
     With several processes (`ctx`) rank r evaluates batches r, r+W, ... and the sums are all-reduced; every
     rank runs the same number of forwards (FSDP's are collective), the last round padded with a repeat."""
-    from sparsescale.distributed import Context, sum_over_ranks
-
-    ctx = ctx or Context()
+    ctx = ctx or dist.Context()
     was = model.training
     model.eval()
     total, count, mine, first = 0.0, 0, 0, None
@@ -94,17 +113,18 @@ def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: in
         if i % ctx.world_size != ctx.rank:
             continue
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with autocast(device):
             loss = lm_loss(model, x, y)
         total += float(loss) * y.numel()
         count += y.numel()
         mine += 1
     for _ in range(mine, math.ceil((i + 1) / ctx.world_size)):  # padding forwards, results unused
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with autocast(device):
             lm_loss(model, first[0].to(device), first[1].to(device))
-    total, count = sum_over_ranks([total, count], ctx)
+    total, count = dist.sum_over_ranks([total, count], ctx)
     model.train(was)
     return total / count
+
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, token_ids: dict) -> torch.nn.Module:
@@ -128,13 +148,14 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def save_checkpoint(out: Path, step: int, model_sd: dict, opt_sd: dict, keep: int) -> Path:
-    """Full (unsharded) state dicts, as one process writes them: any number of processes can resume."""
+def save_checkpoint(out: Path, step: int, model_sd: dict, opt_sd: dict, keep: int, times: dict | None = None) -> Path:
+    """Full (unsharded) state dicts, as one process writes them: any number of processes can resume.
+    `times`: the run's cost so far (Clock.so_far), carried over by a resume."""
     d = _ckpt_dir(out)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{step:08d}.pt"
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "model": model_sd, "optimizer": opt_sd}, tmp)
+        torch.save({"step": step, "model": model_sd, "optimizer": opt_sd, "times": times or {}}, tmp)
     with atomic_path(path.with_suffix(".pt.sha256")) as tmp:
         tmp.write_text(sha256_file(path) + "\n")
     for old in sorted(d.glob("step_*.pt"))[:-keep]:
@@ -165,23 +186,94 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# time and CPU of a run (a resumed run adds what its checkpoint carries)
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) one training run; returns the content of final.json."""
-    from sparsescale import distributed as dist
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since this module was imported)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
-    cfg.validate()
+
+_IMPORTED = time.perf_counter()
+
+
+class Clock:
+    """Phase timers of one run in this process, plus the totals a resumed run's checkpoint carries over.
+
+    `startup` = (wall, CPU seconds) this process spent before `train()` that belong to the run: the CLI passes
+    the interpreter start and imports; a caller that runs several things in one process passes nothing."""
+
+    PHASES = ("startup", "setup", "steps", "validation", "checkpoints", "final_eval", "save")
+
+    def __init__(self, startup: tuple[float, float] = (0.0, 0.0)):
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.startup = startup
+        self.before = {"wall_time_s": 0.0, "wall_seconds": 0.0, "core_seconds": 0.0}
+        self.phase = dict.fromkeys(self.PHASES, 0.0)
+        self.phase["startup"] = startup[0]
+        self.loop = [None, None]  # perf_counter at the start and end of the training loop
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase[name] += time.perf_counter() - t
+
+    def loop_wall(self) -> float:
+        """Wall time of the training loop (steps, validation, checkpoints), earlier sessions included."""
+        t0, t1 = self.loop
+        return self.before["wall_time_s"] + ((t1 or time.perf_counter()) - t0 if t0 is not None else 0.0)
+
+    def so_far(self, ctx) -> dict:
+        """The run's cost up to now: loop wall, process wall, CPU seconds of every rank (every rank calls it)."""
+        core = dist.sum_over_ranks([self.startup[1] + time.process_time() - self.cpu0], ctx)[0]
+        return {"wall_time_s": self.loop_wall(),
+                "wall_seconds": self.before["wall_seconds"] + self.startup[0] + time.perf_counter() - self.t0,
+                "core_seconds": self.before["core_seconds"] + core}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the steps of a run
+
+@dataclasses.dataclass
+class Plan:
+    """What one run does, fixed before its first step."""
+
+    ctx: dist.Context
+    device: str
+    out: Path
+    meta: dict
+    vocab_size: int
+    train_tokens: object  # numpy token arrays (data.load_tokens)
+    val_tokens: object
+    counts: dict  # count_params: n_params, n_params_total, n_active
+    steps: int
+    tokens_per_step: int
+    eval_every: int
+    ckpt_every: int
+    micro: int  # sequences per forward/backward per process
+
+    @property
+    def token_ids(self) -> dict:
+        return {"bos_token_id": self.meta.get("bos_id"), "eos_token_id": self.meta.get("eos_id")}
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    """Processes, device, data, the step count and intervals; every input check that needs the data."""
     ctx = dist.init(cfg.device)  # rank / world size from torchrun's environment; single process otherwise
     device = pick_device(cfg.device) if ctx.world_size == 1 else ctx.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-
     meta = D.load_meta(cfg.data)
     vocab_size = int(meta["vocab_size"])
     train_tokens, val_tokens = D.load_tokens(cfg.data, "train"), D.load_tokens(cfg.data, "val")
-    args = get_size(cfg.size)
-    counts = count_params(args, vocab_size, cfg.sparsity)
+    counts = count_params(get_size(cfg.size), vocab_size, cfg.sparsity)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     budget = cfg.tokens if cfg.tokens is not None else int(cfg.tokens_per_param * counts["n_params"])
     if budget < tokens_per_step:
@@ -190,131 +282,214 @@ def train(cfg: TrainConfig) -> dict:
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"training split of {cfg.data} has {len(train_tokens)} tokens, fewer than seq_len+1={cfg.seq_len + 1}")
     steps = budget // tokens_per_step
-    eval_every = cfg.eval_every or max(1, steps // 10)
-    ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
     micro = cfg.micro_batch_size or cfg.batch_size  # per process; accumulation keeps the global batch at batch_size
     dist.check_batch(cfg.batch_size, ctx.world_size)
     if (cfg.batch_size // ctx.world_size) % micro and micro != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} / {ctx.world_size} processes is not a multiple of micro_batch_size={micro}")
+    return Plan(ctx=ctx, device=device, out=Path(cfg.out_dir), meta=meta, vocab_size=vocab_size,
+                train_tokens=train_tokens, val_tokens=val_tokens, counts=counts, steps=steps,
+                tokens_per_step=tokens_per_step, eval_every=cfg.eval_every or max(1, steps // 10),
+                ckpt_every=cfg.checkpoint_every or max(1, steps // 10), micro=micro)
 
-    token_ids = {"bos_token_id": meta.get("bos_id"), "eos_token_id": meta.get("eos_id")}
-    model = build_model(cfg, vocab_size, token_ids).to(device)
-    if model.config.vocab_size != vocab_size and cfg.mode == "scratch":
-        raise UserError(f"tokenizer vocab {vocab_size} does not fit model vocab {model.config.vocab_size}")
-    model.train()
 
-    start, state = 0, None
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"run_id": cfg.run_id, **dataclasses.asdict(cfg), "versions": versions()})
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        # every rank reads the full checkpoint; mmap shares one copy in the page cache between a node's ranks
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        model.load_state_dict(state["model"])
-        start = state["step"]
-        if ctx.is_main:
-            print(f"resuming {cfg.run_id} from {ckpt.name} (step {start}/{steps})", file=sys.stderr)
-            _truncate_metrics(out / "metrics.jsonl", start)
-    step_model = dist.wrap(model, ctx, cfg)  # DDP wrapper, `model` sharded in place (FSDP) or `model` itself
+def resume(cfg: TrainConfig, run: Plan, model: torch.nn.Module) -> tuple[int, dict | None]:
+    """The run directory (config.json) and the newest checkpoint that verifies, loaded into `model`:
+    (the step to start from, the checkpoint's state or None)."""
+    if run.ctx.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json(run.out / "config.json", {"run_id": cfg.run_id, **dataclasses.asdict(cfg), "versions": versions()})
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is None:
+        return 0, None
+    # every rank reads the full checkpoint; mmap shares one copy in the page cache between a node's ranks
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    model.load_state_dict(state["model"])
+    if run.ctx.is_main:
+        print(f"resuming {cfg.run_id} from {ckpt.name} (step {state['step']}/{run.steps})", file=sys.stderr)
+        _truncate_metrics(run.out / "metrics.jsonl", state["step"])
+    return state["step"], state
+
+
+def distribute(model: torch.nn.Module, state: dict | None, run: Plan, cfg: TrainConfig):
+    """(the module that takes the steps, the optimizer): DDP / FSDP / the model itself, optimizer state resumed."""
+    step_model = dist.wrap(model, run.ctx, cfg)  # DDP wrapper, `model` sharded in place (FSDP) or `model` itself
     opt = make_optimizer(model, cfg)  # after wrapping: FSDP replaces the parameters by their shards
     if state is not None:
         dist.load_optimizer_state(model, opt, state["optimizer"])
-    if cfg.compile and device.startswith("cuda"):
+    if cfg.compile and run.device.startswith("cuda"):
         step_model = torch.compile(step_model)
+    return step_model, opt
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=cfg.run_id, disable=not ctx.is_main, mininterval=2.0,
-               file=sys.stderr, dynamic_ncols=True)
-    metrics_f = open(out / "metrics.jsonl", "a") if ctx.is_main else None
-    t0, tok_seen = time.perf_counter(), 0
-    wall_before = 0.0
-    try:
-        for step in range(start, steps):
-            lr = lr_at(step, steps, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x_all, y_all = D.get_batch(train_tokens, step, cfg.batch_size, cfg.seq_len, cfg.seed,
-                                       rank=ctx.rank, world_size=ctx.world_size)
-            n_micro = max(1, x_all.shape[0] // micro)
-            loss_sum = 0.0
-            for i in range(n_micro):
-                x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-                y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-                with dist.no_sync_unless_last(step_model, i == n_micro - 1), \
-                        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                    loss = lm_loss(step_model, x, y)
-                    if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
-                        loss = loss * float("nan")
-                (loss / n_micro).backward()
-                loss_sum += float(loss.detach()) / n_micro
-            loss_val = dist.mean_over_ranks(loss_sum, ctx)  # the same on every rank: all stop together on NaN
-            if not math.isfinite(loss_val):
-                raise TrainingDiverged(f"run {cfg.run_id}: training loss is {loss_val} at step {step} (lr {lr:.3g}); "
-                                       "lower the learning rate or raise warm-up; no final.json was written")
-            if cfg.grad_clip > 0:
-                dist.clip_grad_norm(step_model, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tok_seen += tokens_per_step
-            done = step + 1
-            rec = None
-            if done % cfg.log_every == 0 or done == steps:
-                rec = {"step": done, "tokens": done * tokens_per_step, "train_loss": loss_val, "lr": lr}
-            if done % eval_every == 0 or done == steps:
-                rec = rec or {"step": done, "tokens": done * tokens_per_step, "train_loss": loss_val, "lr": lr}
-                rec["val_loss"] = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len,
-                                                micro, device, ctx)
-            if rec is not None and ctx.is_main:
-                elapsed = time.perf_counter() - t0
-                rec["tokens_per_s"] = tok_seen / elapsed if elapsed > 0 else None
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
-            if (done % ckpt_every == 0 or done == steps) and done < steps:
-                model_sd, opt_sd = dist.full_state_dicts(model, opt, ctx)  # every rank: FSDP gathers shards
-                if ctx.is_main:
-                    save_checkpoint(out, done, model_sd, opt_sd, cfg.keep_checkpoints)
-            bar.update(1)
-    finally:
-        bar.close()
-        if metrics_f:
-            metrics_f.close()
-    wall = time.perf_counter() - t0 + wall_before
+def train_step(step_model, opt: torch.optim.Optimizer, step: int, run: Plan, cfg: TrainConfig) -> tuple[float, float]:
+    """One optimizer step on the global batch of `step` (micro-batches accumulated): (train loss, lr)."""
+    lr = lr_at(step, run.steps, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    ctx, micro = run.ctx, run.micro
+    x_all, y_all = D.get_batch(run.train_tokens, step, cfg.batch_size, cfg.seq_len, cfg.seed,
+                               rank=ctx.rank, world_size=ctx.world_size)
+    n_micro = max(1, x_all.shape[0] // micro)
+    loss_sum = 0.0
+    for i in range(n_micro):
+        x = x_all[i * micro:(i + 1) * micro].to(run.device, non_blocking=True)
+        y = y_all[i * micro:(i + 1) * micro].to(run.device, non_blocking=True)
+        with dist.no_sync_unless_last(step_model, i == n_micro - 1), autocast(run.device):
+            loss = lm_loss(step_model, x, y)
+            if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
+                loss = loss * float("nan")
+        (loss / n_micro).backward()
+        loss_sum += float(loss.detach()) / n_micro
+    loss_val = dist.mean_over_ranks(loss_sum, ctx)  # the same on every rank: all stop together on NaN
+    if not math.isfinite(loss_val):
+        raise TrainingDiverged(f"run {cfg.run_id}: training loss is {loss_val} at step {step} (lr {lr:.3g}); "
+                               "lower the learning rate or raise warm-up; no final.json was written")
+    if cfg.grad_clip > 0:
+        dist.clip_grad_norm(step_model, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_val, lr
 
-    # final evaluation: validation loss on the fixed set and measured sparsity on the first validation batch
-    val_loss = evaluate_loss(model, val_tokens, cfg.eval_tokens, cfg.seq_len, micro, device, ctx)
-    x_val, _ = next(D.val_batches(val_tokens, cfg.seq_len * min(micro, 4), cfg.seq_len, min(micro, 4)))
-    measured = Q.measured_sparsity(model, x_val.to(device))  # on every rank: FSDP's forward is collective
-    final = {
+
+def validation_loss(model, run: Plan, cfg: TrainConfig) -> float:
+    return evaluate_loss(model, run.val_tokens, cfg.eval_tokens, cfg.seq_len, run.micro, run.device, run.ctx)
+
+
+def checkpoint(model, opt, done: int, run: Plan, cfg: TrainConfig, clock: Clock) -> None:
+    model_sd, opt_sd = dist.full_state_dicts(model, opt, run.ctx)  # every rank: FSDP gathers shards
+    times = clock.so_far(run.ctx)  # every rank: the CPU seconds are summed over ranks
+    if run.ctx.is_main:
+        save_checkpoint(run.out, done, model_sd, opt_sd, cfg.keep_checkpoints, times)
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0) and the progress bar: one record per log_every steps, with val_loss when measured."""
+
+    def __init__(self, cfg: TrainConfig, run: Plan, start: int):
+        self.cfg, self.run, self.main = cfg, run, run.ctx.is_main
+        self.bar = tqdm(total=run.steps, initial=start, desc=cfg.run_id, disable=not self.main, mininterval=2.0,
+                        file=sys.stderr, dynamic_ncols=True)
+        self.file = open(run.out / "metrics.jsonl", "a") if self.main else None
+        self.t0, self.tok_seen = time.perf_counter(), 0
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+    def step(self, done: int, loss: float, lr: float, val_loss: float | None) -> None:
+        self.tok_seen += self.run.tokens_per_step
+        if self.main and (val_loss is not None or done % self.cfg.log_every == 0 or done == self.run.steps):
+            rec = {"step": done, "tokens": done * self.run.tokens_per_step, "train_loss": loss, "lr": lr}
+            if val_loss is not None:
+                rec["val_loss"] = val_loss
+            elapsed = time.perf_counter() - self.t0
+            rec["tokens_per_s"] = self.tok_seen / elapsed if elapsed > 0 else None
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
+        self.bar.update(1)
+
+
+def evaluate(model, run: Plan, cfg: TrainConfig, val_loss: float | None = None) -> dict:
+    """The end-of-run evaluation row: validation loss on the fixed set (`val_loss` when the last step just
+    measured it) and the measured sparsity per projection group on the first validation batch. Further
+    statistics of the trained model belong here. Every rank calls it (FSDP's forwards are collective)."""
+    if val_loss is None:
+        val_loss = validation_loss(model, run, cfg)
+    n = min(run.micro, 4)
+    x_val, _ = next(D.val_batches(run.val_tokens, cfg.seq_len * n, cfg.seq_len, n))
+    measured = Q.measured_sparsity(model, x_val.to(run.device))
+    return {"val_loss": val_loss, "sparsity_measured": measured["overall"],
+            **{f"sparsity_measured_{g}": measured.get(g) for g in GROUPS}}
+
+
+def final_record(cfg: TrainConfig, run: Plan, row: dict, start: int, clock: Clock) -> dict:
+    """The content of final.json: what was trained, the evaluation row, the cost, config and versions."""
+    counts = run.counts
+    times = clock.so_far(run.ctx)
+    return {
         "run_id": cfg.run_id, "size": cfg.size, "mode": cfg.mode,
         "n_params": counts["n_params"], "n_params_total": counts["n_params_total"], "n_active": counts["n_active"],
-        "sparsity": cfg.sparsity, "sparsity_measured": measured["overall"],
-        **{f"sparsity_measured_{g}": measured.get(g) for g in ("qkv", "o", "gate_up", "down")},
-        "precision": cfg.precision, "seed": cfg.seed, "tokens": steps * tokens_per_step, "steps": steps,
-        "val_loss": val_loss, "val_tokens": cfg.eval_tokens, "lr": cfg.lr, "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len, "block": cfg.block, "rescale": cfg.rescale, "vocab_size": vocab_size,
-        "wall_time_s": wall, "device": device, "world_size": ctx.world_size, "resumed_from_step": start,
-        "data": str(cfg.data), "data_sha256": meta.get("sha256", {}), "config": dataclasses.asdict(cfg),
+        "sparsity": cfg.sparsity, "sparsity_measured": row["sparsity_measured"],
+        **{f"sparsity_measured_{g}": row[f"sparsity_measured_{g}"] for g in GROUPS},
+        "precision": cfg.precision, "seed": cfg.seed, "tokens": run.steps * run.tokens_per_step, "steps": run.steps,
+        "val_loss": row["val_loss"], "val_tokens": cfg.eval_tokens, "lr": cfg.lr, "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len, "block": cfg.block, "rescale": cfg.rescale, "vocab_size": run.vocab_size,
+        "wall_time_s": times["wall_time_s"], "wall_seconds": times["wall_seconds"],
+        "core_seconds": times["core_seconds"], "phase_seconds": dict(clock.phase),
+        "device": run.device, "world_size": run.ctx.world_size, "resumed_from_step": start,
+        **{k: v for k, v in row.items() if k != "val_loss" and not k.startswith("sparsity_measured")},
+        "data": str(cfg.data), "data_sha256": run.meta.get("sha256", {}), "config": dataclasses.asdict(cfg),
         "versions": versions(),
     }
-    if not math.isfinite(val_loss):
-        raise TrainingDiverged(f"run {cfg.run_id}: validation loss is {val_loss}; no final.json was written")
+
+
+def save(model, final: dict, run: Plan, cfg: TrainConfig) -> None:
+    """The model (HF safetensors), then final.json, which marks the run complete; checkpoints removed.
+    Rank 0 saves alone: it adds its time (wall and CPU) to final's wall_seconds, core_seconds and phase save."""
+    if not math.isfinite(final["val_loss"]):
+        raise TrainingDiverged(f"run {cfg.run_id}: validation loss is {final['val_loss']}; no final.json was written")
     if dist.is_sharded(model):  # FSDP: gather the shards into a plain model on rank 0, which saves it
-        weights, _ = dist.full_state_dicts(model, None, ctx)
-        model = build_model(cfg, vocab_size, token_ids) if ctx.is_main else None
+        weights, _ = dist.full_state_dicts(model, None, run.ctx)
+        model = build_model(cfg, run.vocab_size, run.token_ids) if run.ctx.is_main else None
         if model is not None:
             model.load_state_dict(weights)
-    if ctx.is_main:
+    if run.ctx.is_main:
+        t, cpu = time.perf_counter(), time.process_time()
         tok = D.load_tokenizer(cfg.data) if (Path(cfg.data) / "tokenizer.json").exists() else None
-        M.save(model, out / "model", tokenizer=tok)
-        write_json(out / "final.json", final)  # last: its presence marks the run complete
-        for p in _ckpt_dir(out).glob("step_*"):
+        M.save(model, run.out / "model", tokenizer=tok)
+        wall = time.perf_counter() - t
+        final["phase_seconds"]["save"] += wall
+        final["wall_seconds"] += wall
+        final["core_seconds"] += time.process_time() - cpu
+        write_json(run.out / "final.json", final)  # last: its presence marks the run complete
+        for p in _ckpt_dir(run.out).glob("step_*"):
             p.unlink(missing_ok=True)
-        print(f"{cfg.run_id}: val_loss {val_loss:.4f} nats/token, measured sparsity {measured['overall']:.3f}, "
-              f"{steps} steps, {wall:.0f}s", file=sys.stderr)
-    dist.finish(ctx)
+        print(f"{cfg.run_id}: val_loss {final['val_loss']:.4f} nats/token, measured sparsity "
+              f"{final['sparsity_measured']:.3f}, {run.steps} steps, {final['wall_time_s']:.0f}s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, startup: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """Run (or resume) one training run; returns the content of final.json. `startup`: see `Clock`."""
+    cfg.validate()
+    clock = Clock(startup)
+    with clock.timed("setup"):
+        run = plan(cfg)
+        model = build_model(cfg, run.vocab_size, run.token_ids).to(run.device)
+        if model.config.vocab_size != run.vocab_size and cfg.mode == "scratch":
+            raise UserError(f"tokenizer vocab {run.vocab_size} does not fit model vocab {model.config.vocab_size}")
+        model.train()
+        start, state = resume(cfg, run, model)
+        clock.before.update((state or {}).get("times", {}))
+        step_model, opt = distribute(model, state, run, cfg)
+        del state
+    val_loss = None
+    clock.loop[0] = time.perf_counter()
+    with MetricsLog(cfg, run, start) as log:
+        for step in range(start, run.steps):
+            with clock.timed("steps"):
+                loss, lr = train_step(step_model, opt, step, run, cfg)
+            done = step + 1
+            val_loss = None
+            if done % run.eval_every == 0 or done == run.steps:
+                with clock.timed("validation"):
+                    val_loss = validation_loss(model, run, cfg)
+            log.step(done, loss, lr, val_loss)
+            if done % run.ckpt_every == 0 and done < run.steps:
+                with clock.timed("checkpoints"):
+                    checkpoint(model, opt, done, run, cfg, clock)
+    clock.loop[1] = time.perf_counter()
+    with clock.timed("final_eval"):
+        row = evaluate(model, run, cfg, val_loss)  # the last step measured the validation loss already
+    final = final_record(cfg, run, row, start, clock)
+    save(model, final, run, cfg)
+    dist.finish(run.ctx)
     return final
 
 
@@ -330,13 +505,15 @@ def _parse_bool(v: str) -> bool:
 
 
 def config_parser(prog: str) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, its --help the field's docstring."""
     p = argparse.ArgumentParser(prog=prog, description="Train one model and write results/runs/{run_id}/.")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields (flags override it)")
+    docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         conv = _parse_bool if "bool" in typ else int if typ.startswith("int") else float if typ.startswith("float") else str
-        doc = ""
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None, help=doc or None)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=None,
+                       help=docs[f.name].replace("%", "%%"))  # argparse formats help with %
     return p
 
 
@@ -346,12 +523,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         path = Path(a.config)
         if not path.is_file():
             raise UserError(f"--config {a.config}: no such file")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            base = yaml.safe_load(path.read_text()) or {}
-        else:
-            base = read_json(path)
+        base = (yaml.safe_load(path.read_text()) or {}) if path.suffix in (".yaml", ".yml") else read_json(path)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(base) - known - {"run_id", "versions"})
         if unknown:
@@ -362,8 +534,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def cli_train(argv: list[str]) -> int:
-    from sparsescale import distributed as dist
-
+    startup = (process_age(), time.process_time())  # interpreter start and imports: part of this run's cost
     p = config_parser("sparsescale train")
     launch = p.add_argument_group("processes (torchrun; srun + torchrun on several SLURM nodes)")
     launch.add_argument("--nproc-per-node", type=int, default=1,
@@ -373,9 +544,6 @@ def cli_train(argv: list[str]) -> int:
     a = p.parse_args(argv)
     nproc, nnodes = vars(a).pop("nproc_per_node"), vars(a).pop("nnodes")
     cfg = config_from_args(a)
-    if os.environ.get("SPARSESCALE_PRINT_RUN_ID"):
-        print(cfg.run_id)
-        return 0
     if nproc * nnodes > 1 and not dist.under_torchrun():
         cfg.validate()  # bad input fails once, here, rather than once per process
         dist.check_batch(cfg.batch_size, nproc * nnodes)
@@ -383,7 +551,7 @@ def cli_train(argv: list[str]) -> int:
     failed = Path(cfg.out_dir) / "failed.json"
     failed.unlink(missing_ok=True)
     try:
-        (dist.record(train) if dist.under_torchrun() else train)(cfg)
+        (dist.record(train) if dist.under_torchrun() else train)(cfg, startup)
     except TrainingDiverged as err:
         # a marker for the workflow: the sweep goes on without this run and the fit lists it as missing
         if int(os.environ.get("RANK", "0")) == 0:  # every rank diverges together; one writes

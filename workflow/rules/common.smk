@@ -1,13 +1,14 @@
 # Paths, run ids and per-run parameters, computed from the validated config. No business logic: every
-# rule calls one `sparsescale ...` command.
+# rule calls one `sparsescale ...` command. The run id is sparsescale's own (config.RUN_ID_PATTERN / run_id).
 import json
 import os
+
+from sparsescale.config import MODES, RUN_ID_PATTERN, run_id, run_id_suffix
 
 ENV = "../envs/sparsescale.yaml"  # conda environment of every rule (--use-conda), relative to workflow/rules
 
 R = config["results"]
 DATA = f"{R}/data/{config['data']['name']}"
-PRECISION_TAG = {"fp": "fp", "1.58": "1.58"}
 
 
 wildcard_constraints:
@@ -18,9 +19,9 @@ wildcard_constraints:
     run="[^/]+",
 
 
-def run_id(size, s, prec, seed, mode="scratch"):
-    rid = f"{size}-s{float(s):.2f}-b{prec}-seed{seed}"
-    return rid if mode == "scratch" else f"{rid}-{mode}"
+def run_path(mode, name=""):
+    """A file of a training run with the rules' wildcards: run_path("continue", "final.json")."""
+    return f"{R}/runs/{RUN_ID_PATTERN}{run_id_suffix(mode)}/{name}".rstrip("/")
 
 
 def scratch_runs():
@@ -34,26 +35,15 @@ def scratch_runs():
     ]
 
 
-def continue_runs():
-    c = config.get("continue", {})
+def stage_runs(mode):
+    """The runs of a continue/finetune stage (none unless it is enabled)."""
+    c = config.get(mode, {})
     if not c.get("enabled"):
         return []
     return [
-        run_id(c["size"], s, p, seed, "continue")
+        run_id(c["size"], s, p, seed, mode)
         for s in c["sparsity"]
         for p in c["precision"]
-        for seed in config["sweep"]["seeds"]
-    ]
-
-
-def finetune_runs():
-    f = config.get("finetune", {})
-    if not f.get("enabled"):
-        return []
-    return [
-        run_id(f["size"], s, p, seed, "finetune")
-        for s in f["sparsity"]
-        for p in f["precision"]
         for seed in config["sweep"]["seeds"]
     ]
 
@@ -67,7 +57,7 @@ def failed(rid):
 
 
 def all_runs():
-    return scratch_runs() + continue_runs() + finetune_runs()
+    return scratch_runs() + stage_runs("continue") + stage_runs("finetune")
 
 
 def finished_or_pending(wildcards=None):
@@ -95,20 +85,35 @@ def per_size(table, size, what):
     )
 
 
-def train_args(size, s, prec, seed):
+def run_lr(size, prec, mode="scratch"):
+    """The peak learning rate of one run, from one place: a continue/finetune stage's own `lr` when it sets
+    one, else train.lr (a number, {precision: ...} and/or {size: ..., default: ...})."""
+    stage = config.get(mode, {}) if mode != "scratch" else {}
+    if stage.get("lr") is not None:
+        return stage["lr"]
+    lr = config["train"]["lr"]
+    if isinstance(lr, dict) and prec in lr:
+        lr = lr[prec]
+    return per_size(lr, size, "train.lr")
+
+
+def run_tokens(size, mode="scratch"):
+    """Token budget of one run: a stage's own `tokens`, else train.tokens (None = tokens_per_param x N)."""
+    stage = config.get(mode, {}) if mode != "scratch" else {}
+    if stage.get("tokens") is not None:
+        return stage["tokens"]
+    return per_size(config["train"]["tokens"], size, "train.tokens")
+
+
+def train_args(size, s, prec, seed, mode="scratch"):
     t = config["train"]
-    lr = per_size(
-        t["lr"][prec] if isinstance(t["lr"], dict) and prec in t["lr"] else t["lr"],
-        size,
-        "train.lr",
-    )
-    tokens = per_size(t["tokens"], size, "train.tokens")
+    tokens = run_tokens(size, mode)
     args = {
         "size": size,
         "sparsity": s,
         "precision": prec,
         "seed": seed,
-        "lr": lr,
+        "lr": run_lr(size, prec, mode),
         "seq-len": t["seq_len"],
         "batch-size": per_size(t["batch_size"], size, "train.batch_size"),
         "eval-tokens": t["eval_tokens"],
@@ -127,7 +132,43 @@ def train_args(size, s, prec, seed):
         args["tokens-per-param"] = t["tokens_per_param"]
     else:
         args["tokens"] = int(tokens)
+    if mode != "scratch":
+        args["mode"] = mode
     return " ".join(f"--{k} {v}" for k, v in args.items() if v is not None)
+
+
+def train_params(mode):
+    """The `sparsescale train` flags of a run of this mode, as a function of the rule's wildcards."""
+
+    def args(wildcards):
+        return train_args(
+            wildcards.size, wildcards.s, wildcards.prec, wildcards.seed, mode
+        )
+
+    return args
+
+
+def train_input(mode):
+    """Inputs of a train rule: the dataset (finetune: its own, if set), and for continue/finetune the dense
+    scratch run of the same size, precision and seed."""
+    data = (
+        (config.get("finetune", {}).get("data") or DATA) if mode == "finetune" else DATA
+    )
+    if mode == "scratch":
+        return {"data": data}
+    base = f"{R}/runs/{run_id('{size}', 0, '{prec}', '{seed}')}/final.json"
+    return {"data": data, "base": base}
+
+
+def init_from(mode):
+    """--init-from of a continue/finetune run: the base run's saved model (nothing for scratch)."""
+
+    def flag(wildcards, input):
+        if mode == "scratch":
+            return ""
+        return f"--init-from {os.path.join(os.path.dirname(input.base), 'model')}"
+
+    return flag
 
 
 def train_resources(size, key, attempt=1):
@@ -196,16 +237,6 @@ def prepare_args():
     if d.get("cache"):
         args += [f"--cache {d['cache']}"]
     return " ".join(args)
-
-
-def stage_args(stage):
-    """Overrides of a continue/finetune stage (its own lr and token budget), later flags win."""
-    c = config[stage]
-    return " ".join(
-        f"--{k} {c[k2]}"
-        for k, k2 in (("lr", "lr"), ("tokens", "tokens"))
-        if c.get(k2) is not None
-    )
 
 
 def launch_args(resources):
