@@ -13,7 +13,8 @@
   The LM head is scaled up (HEAD_SCALE) so the random model makes confident predictions that the residual
   stream (and thus the super activation) can change.
 - Options: `sibling=v` plants a second super weight W[ROW_J2, K] = v sharing the column (found in a second
-  iteration); `echo_layer=l` plants in layer l a circuit reading channel J that writes -Y[0, J] back to it,
+  iteration); `inert=v` plants a weight as large as the super weight, W[ROW_INERT, COL_INERT] = v, on an input
+  channel no token activates (a large weight that does nothing); `echo_layer=l` plants in layer l a circuit reading channel J that writes -Y[0, J] back to it,
   cancelling the super activation (an echo: its spike does not persist in the residual stream).
 - `write_dataset(dir, tok)`: a prepared dataset (sparsescale.data.prepare) of these paragraphs, in `tok`.
 - `self_generated(model, tok)`: BOS + random tokens, continued greedily by the model itself: fixed ids on
@@ -27,6 +28,7 @@ import torch
 PLANT_LAYER, ROW_J, COL_K = 1, 17, 42
 CHANNELS_C = list(range(64, 80))
 ROW_J2, COL_ECHO = 60, 77
+ROW_INERT, COL_INERT = 30, 100  # a large weight on an input channel that never fires
 GATE_UP = 0.075
 ECHO_GATE_UP = 0.3  # the echo reads the one channel J (~9.8 after the norm): 9.8 x 0.3 = 16 x 2.45 x 0.075
 SUPER = 0.4
@@ -72,7 +74,7 @@ def random_model(tok, seed: int = 0, size: str = "d3", hidden_act: str = "relu2"
 
 
 def planted_model(tok, seed: int = 0, super_value: float = SUPER, hidden_act: str = "relu2", size: str = "d3",
-                  sibling: float | None = None, echo_layer: int | None = None):
+                  sibling: float | None = None, echo_layer: int | None = None, inert: float | None = None):
     model = random_model(tok, seed, size=size, hidden_act=hidden_act)
     bos = tok.bos_token_id
     with torch.no_grad():
@@ -86,6 +88,8 @@ def planted_model(tok, seed: int = 0, super_value: float = SUPER, hidden_act: st
         mlp.down_proj.weight[ROW_J, COL_K] = super_value
         if sibling is not None:
             mlp.down_proj.weight[ROW_J2, COL_K] = sibling
+        if inert is not None:  # as large as the super weight, but X[:, COL_INERT] is ordinary (~0.01)
+            mlp.down_proj.weight[ROW_INERT, COL_INERT] = inert
         if echo_layer is not None:  # the normalized BOS state is ~9.8 on channel J there: same circuit, sign flipped
             echo = model.model.layers[echo_layer].mlp
             echo.gate_proj.weight[COL_ECHO, ROW_J] = ECHO_GATE_UP

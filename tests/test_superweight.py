@@ -255,18 +255,73 @@ def test_largest_other_weights_skip_the_super_weight(model):
 # ---------------------------------------------------------------------------------------------------------
 # known coordinates
 
-def test_known_table_holds_the_reference_coordinates():
-    table = sw.known_table()["models"]
-    assert len(table) == 10
-    assert sum(len(e["coordinates"]) for e in table.values()) == 21
-    assert sw.known_entry("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", [[1, 2533, 7890]])
-    assert sw.known_entry("/models/OLMo-1B-0724-hf/")[1] == [[1, 1764, 1710]]  # a local copy, by its folder name
+def test_known_table_gives_every_weight_its_source():
+    table = sw.known_table()
+    models = table["models"]
+    assert len(models) == 11
+    weights = [w for e in models.values() for w in e["weights"]]
+    assert len(weights) == 26
+    assert all(w["status"] in sw.KNOWN_STATUSES and w["sources"] and set(w["sources"]) <= set(table["sources"])
+               for w in weights)
+    counts = {st: sum(w["status"] == st for w in weights) for st in sw.KNOWN_STATUSES}
+    assert counts == {"agreed": 18, "paper_only": 2, "code_only": 3, "disputed": 2, "unverified": 1}
+    # the authors' code map holds 8 models, 22 weights (with OLMo-1B's second weight in layer 2)
+    code = {h: [w["coord"] for w in e["weights"] if "code_map" in w["sources"]] for h, e in models.items()}
+    assert sum(map(len, code.values())) == 22 and sum(bool(c) for c in code.values()) == 8
+    assert code["allenai/OLMo-1B-0724-hf"] == [[1, 1764, 1710], [2, 1764, 8041]]
+    paper = [w["coord"] for w in models["allenai/OLMo-1B-0724-hf"]["weights"] if "paper_table2" in w["sources"]]
+    assert paper == [[1, 1764, 1710], [1, 1764, 8041]]
+    assert models["HuggingFaceTB/SmolLM2-1.7B"]["weights"][0]["status"] == "unverified"
+    hub, entry = sw.known_entry("meta-llama/Llama-2-7b-hf")
+    assert hub == "meta-llama/Llama-2-7b-hf" and [w["coord"] for w in entry["weights"]] == [[1, 2533, 7890]]
+    assert sw.known_entry("/models/OLMo-1B-0724-hf/")[0] == "allenai/OLMo-1B-0724-hf"  # a local copy, by its folder
     assert sw.known_entry("mistral-7b")[0] == "mistralai/Mistral-7B-v0.1"
     assert sw.known_entry("runs/d6-s0.5") is None
-    detected = [sw.SuperWeight(2, 2231, 2278, 1.0, 0, 0, 0), sw.SuperWeight(5, 1, 1, 1.0, 0, 0, 0)]
-    cmp = sw.compare_known(detected, *sw.known_entry("huggyllama/llama-13b"))
+
+
+def test_comparison_scores_each_published_weight_by_its_source():
+    def found(*coords):
+        return [sw.SuperWeight(*c, 1.0, 0, 0, 0) for c in coords]
+
+    cmp = sw.compare_known(found((2, 2231, 2278), (5, 1, 1)), *sw.known_entry("huggyllama/llama-13b"))
     assert cmp["matched"] == [[2, 2231, 2278]] and cmp["missed"] == [[2, 2231, 6939]]
     assert cmp["extra"] == [[5, 1, 1]] and cmp["agrees"] is False
+    assert cmp["by_source"]["code_map"] == {"matched": [[2, 2231, 2278]], "missed": [[2, 2231, 6939]]}
+    olmo = sw.known_entry("olmo-1b-0724")
+    # the first weight alone agrees: the disputed second one is neither missed nor required
+    cmp = sw.compare_known(found((1, 1764, 1710)), *olmo)
+    assert cmp["agrees"] is True and cmp["missed"] == [] and cmp["extra"] == []
+    assert [(w["coord"], w["detected"]) for w in cmp["disputed"]] == [([2, 1764, 8041], False), ([1, 1764, 8041], False)]
+    assert cmp["by_source"]["code_map"]["missed"] == [[2, 1764, 8041]]
+    assert cmp["by_source"]["paper_table2"]["missed"] == [[1, 1764, 8041]]
+    # the code map's second weight detected: matched (code map), not "extra"
+    cmp = sw.compare_known(found((1, 1764, 1710), (2, 1764, 8041)), *olmo)
+    assert cmp["matched"] == [[1, 1764, 1710], [2, 1764, 8041]] and cmp["extra"] == [] and cmp["agrees"] is True
+    assert cmp["by_source"]["code_map"] == {"matched": [[1, 1764, 1710], [2, 1764, 8041]], "missed": []}
+
+
+def test_ablation_tells_a_super_weight_from_a_large_weight_that_does_nothing(tok):
+    """A planted inert weight as large as the super weight: the detector ignores it, the prune-others control
+    picks it first, and zeroing it alone changes the loss by almost nothing."""
+    m = planted.planted_model(tok, inert=planted.SUPER)
+    det = sw.find_super_weights(m, tok)
+    assert [s.coord for s in det.super_weights] == [PLANTED]
+    ids = planted.self_generated(m, tok, n_seq=16, prompt_len=1)
+    inert = sw.SuperWeight(planted.PLANT_LAYER, planted.ROW_INERT, planted.COL_INERT, planted.SUPER, 0, 0, 0)
+    ref = state(m)
+    res = sw.single_weight_effects(m, det.super_weights + [inert], lambda: loss(m, ids))
+    assert same_state(m, ref)
+    (sup, ine), control = res["weights"], res["control"]
+    assert sup["coord"] == list(PLANTED) and sup["verdict"] == "super weight" and sup["loss_increase"] > 0.05
+    assert ine["value"] == pytest.approx(planted.SUPER) and ine["verdict"] == "inert"
+    # measured: +0.099 nats (super weight), -0.0002 (inert), -0.0019 (control)
+    assert abs(ine["loss_increase"]) < 0.01 and sup["loss_increase"] > 30 * abs(ine["loss_increase"])
+    # the control: the largest down_proj weight outside the list (an ordinary one, |W| < 0.1)
+    assert control["name"].endswith("mlp.down_proj") and abs(control["value"]) < 0.1
+    assert abs(control["loss_increase"]) < 0.01
+    # without the inert weight in the list, the prune-others control picks it first
+    assert sw.largest_other_weights(m, det.super_weights, 1)[0][1:4] == ("layers.1.mlp.down_proj", planted.ROW_INERT,
+                                                                          planted.COL_INERT)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +362,9 @@ def test_cli_detect_on_a_saved_checkpoint(model, tok, tmp_path, capsys):
         sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(out), "--known", "gpt-5"])
     # --known compares with the listed coordinates (here, of course, they disagree)
     sw.cli_superweight(["detect", "--model", str(ckpt), "--out", str(out), "--known", "llama-7b"])
-    assert json.loads(out.read_text())["known"]["missed"] == [[2, 3968, 7003]]
+    known = json.loads(out.read_text())["known"]
+    assert known["missed"] == [[2, 3968, 7003]] and known["extra"] == [list(PLANTED)] and known["agrees"] is False
+    assert known["by_source"]["paper_table2"] == {"matched": [], "missed": [[2, 3968, 7003]]}
 
 
 def test_cli_ablate_writes_ablation_and_scale(model, tok, tmp_path):
@@ -333,6 +390,9 @@ def test_cli_ablate_writes_ablation_and_scale(model, tok, tmp_path):
     lo, zero, rest = (abl["conditions"][i]["val"]["loss"] for i in range(3))
     assert abl["summary"]["restore_recovered_fraction"] == pytest.approx((zero - rest) / (zero - lo))
     assert abl["settings"]["restore"].startswith("per sequence")
+    per = abl["summary"]["per_weight"]
+    assert [w["coord"] for w in per["weights"]] == [list(PLANTED)] and per["base"] == orig["val"]["loss"]
+    assert per["weights"][0]["loss_increase"] == pytest.approx(abl["conditions"][1]["val"]["loss"] - per["base"])
     scale = json.loads((out / "scale.json").read_text())
     assert scale["factors"] == [0, 1, 2] and [p["factor"] for p in scale["points"]] == [0, 1, 2]
     assert scale["points"][1]["val"]["loss"] == orig["val"]["loss"]  # factor 1 = the original

@@ -60,7 +60,11 @@ def ablation_json(with_sw: bool):
                   condition("prune_1_other_weights", 3.0, 0.40, 0.10, n=1)]
     for c in conds:
         c["stopword_ratio"] = {w: p / conds[0]["stopword_prob"][w] for w, p in c["stopword_prob"].items()}
-    summary = {"restore_recovered_fraction": 0.6} if with_sw else {}
+    summary = {"restore_recovered_fraction": 0.6,
+               "per_weight": {"base": 3.0, "weights": [{"coord": [1, 17, 42], "value": 0.4, "loss_increase": 2.0,
+                                                         "verdict": "super weight"}],
+                              "control": {"name": "layers.0.mlp.down_proj", "row": 3, "col": 4, "value": 0.09,
+                                          "loss_increase": 0.001}}} if with_sw else {}
     note = None if with_sw else "no super weight detected: nothing to ablate (only the original model is measured)"
     return {"super_weights": [sw(1, 17, 42)] if with_sw else [], "conditions": conds, "summary": summary, "note": note}
 
@@ -267,6 +271,8 @@ def test_ablation_table_reads_back(sweep):
     assert data.val_ppl.iloc[1] == pytest.approx(np.exp(5.0)) and data.ratio_the.iloc[1] == pytest.approx(2.0)
     assert data.n.iloc[4] == 7000 and rows[5][1] == "original"
     assert any("recovers 60.0% of the loss increase" in n for n in t.notes)
+    assert any("each weight zeroed alone: (1, 17, 42) +2 nats (super weight); the largest other weight "
+               "(layers.0.mlp.down_proj [3, 4]) +0.001 nats." in n for n in t.notes)
     assert any("no super weight detected" in n for n in t.notes)
 
 

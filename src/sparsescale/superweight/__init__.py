@@ -12,11 +12,11 @@ Modules (imports run one way: cli -> summary, quantize, ablate -> detect -> prob
 """
 
 from sparsescale.superweight.ablate import (
-    largest_other_weights, pruned_others, restored_activation, scaled, zeroed,
+    largest_other_weights, pruned_others, restored_activation, scaled, single_weight_effects, zeroed,
 )
 from sparsescale.superweight.cli import cli_superweight
 from sparsescale.superweight.detect import (
-    ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
+    ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, KNOWN_STATUSES, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
     SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights,
     known_entry, known_table, layer_ratios, load_detection, siblings, spike_profile, super_positions,
 )
@@ -24,10 +24,10 @@ from sparsescale.superweight.quantize import fake_quant_activations, quantize_te
 from sparsescale.superweight.summary import read_summary, summarize, summary_row
 
 __all__ = [
-    "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "OFFICIAL_PROMPT", "PERSIST", "RULES",
+    "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT", "PERSIST", "RULES",
     "Detection", "SuperWeight", "cli_superweight", "compare_known", "edited", "effective_input",
     "effective_weight", "fake_quant_activations", "find_super_weights", "known_entry", "known_table",
     "largest_other_weights", "layer_ratios", "load_detection", "pruned_others", "quantize_tensor", "quantized",
-    "read_summary", "restored_activation", "scaled", "siblings", "spike_profile", "summarize", "summary_row", "super_positions",
+    "read_summary", "restored_activation", "scaled", "siblings", "single_weight_effects", "spike_profile", "summarize", "summary_row", "super_positions",
     "sweep", "zeroed",
 ]

@@ -9,11 +9,15 @@ Features
   from a stream have their BOS anywhere. `position=t` keeps the older fixed-index rule for comparison.
 - `largest_other_weights(model, sws, n)` and `pruned_others(model, sws, n)`: the n largest-|W| other weights
   (super weights kept) zeroed: the paper's "7,000 outliers" control.
+- `single_weight_effects(model, sws, measure)`: each weight zeroed alone against the largest other weight,
+  with a verdict (super weight / inert): what settles a published weight that may do nothing (the disputed
+  second weight of OLMo-1B).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,9 @@ from sparsescale.layout import decoder_layers, ffn_out_modules
 from sparsescale.superweight.detect import (
     DEFAULT_MODULE, SuperWeight, edited, effective_input, effective_weight, super_positions,
 )
+
+VERIFY_FACTOR = 10.0  # a super weight's loss increase over the largest other weight's
+VERIFY_MIN_INCREASE = 0.01  # nats/token
 
 
 @contextlib.contextmanager
@@ -125,3 +132,37 @@ def pruned_others(model: nn.Module, sws: list[SuperWeight], n: int, scope: str =
             for m, _, r, c, _ in others:
                 m.weight[r, c] = 0
         yield [(name, r, c, v) for _, name, r, c, v in others]
+
+
+def single_weight_effects(model: nn.Module, sws: list[SuperWeight], measure: Callable[[], float],
+                          module: str = DEFAULT_MODULE, factor: float = VERIFY_FACTOR,
+                          min_increase: float = VERIFY_MIN_INCREASE) -> dict:
+    """Tell a super weight from a large weight that does nothing: zero each weight alone and measure.
+
+    measure() returns a loss (nats/token) of the model as it is. The control is the largest-|W| down_proj weight
+    that is not a super weight (as large as a super weight, or larger, in a model with an inert outlier). A
+    weight is "super weight" when its loss increase is at least `factor` times the control's and at least
+    `min_increase` nats, else "inert". Returns {"base", "control", "weights"}: per weight its coordinate, value,
+    loss increase and verdict.
+    """
+    base = measure()
+    mods = ffn_out_modules(model, module)
+    rows = []
+    for s in sws:
+        value = float(mods[s.layer].weight[s.row, s.col].detach())
+        with zeroed(model, [s], module):
+            rows.append({"coord": list(s.coord), "value": value, "loss_increase": measure() - base})
+    others = largest_other_weights(model, sws, 1, "down_proj", module)
+    control = None
+    if others:
+        m, name, r, c, v = others[0]
+        with edited([(m, r, c)]):
+            with torch.no_grad():
+                m.weight[r, c] = 0
+            control = {"name": name, "row": r, "col": c, "value": v, "loss_increase": measure() - base}
+    ref = abs(control["loss_increase"]) if control else 0.0
+    for row in rows:
+        big = row["loss_increase"] >= max(min_increase, factor * ref)
+        row["verdict"] = "super weight" if big else "inert"
+    return {"base": base, "control": control, "weights": rows,
+            "rule": f"super weight: loss increase >= max({min_increase:g} nats, {factor:g} x the control's)"}

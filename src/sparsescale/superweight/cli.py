@@ -6,7 +6,8 @@ Features
   dataset's, else the hub name's), `load_model_and_tokenizer` (the checkpoint's own dtype by default; a
   tokenizer larger than the model's vocabulary is refused), `default_seq_len`.
 - detect: one JSON (detection, profile, comparison with the known coordinates, versions); ablate:
-  ablation.json and scale.json; quantize: one JSON; summarize: summary.csv; report: figures and tables.
+  ablation.json (conditions, the recovered fraction, each weight zeroed alone against the largest other
+  weight) and scale.json; quantize: one JSON; summarize: summary.csv; report: figures and tables.
 - Every result file is written atomically with the versions of the libraries that made it.
 """
 
@@ -25,7 +26,7 @@ from sparsescale.io import atomic_write_text, versions, write_json
 from sparsescale.layout import ffn_out_modules
 from sparsescale.model import load
 from sparsescale.superweight import probes
-from sparsescale.superweight.ablate import pruned_others, restored_activation, scaled, zeroed
+from sparsescale.superweight.ablate import pruned_others, restored_activation, scaled, single_weight_effects, zeroed
 from sparsescale.superweight.detect import (
     ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
     compare_known, find_super_weights, known_entry, known_table, load_detection, siblings,
@@ -118,6 +119,9 @@ def cli_detect(argv: list[str]) -> int:
     if comparison:
         print(f"known ({comparison['model']}): matched {comparison['matched']}, missed {comparison['missed']}, "
               f"extra {comparison['extra']}")
+        for w in comparison["disputed"]:
+            print(f"  {w['status']} {tuple(w['coord'])} ({', '.join(w['sources'])}): "
+                  f"{'detected' if w['detected'] else 'not detected'}")
     write_json(a.out, {"model": a.model, "name_or_path": getattr(model.config, "_name_or_path", None),
                        "dtype": str(next(model.parameters()).dtype), "qsparse": getattr(model.config, "qsparse", None),
                        **det.to_json(), "known": comparison, "versions": versions()})
@@ -171,6 +175,9 @@ def cli_ablate(argv: list[str]) -> int:
     if sws:
         lo, zero, rest = (conditions[i]["val"]["loss"] for i in range(3))
         summary["restore_recovered_fraction"] = (zero - rest) / (zero - lo) if zero != lo else None
+        summary["per_weight"] = single_weight_effects(  # each weight zeroed alone vs the largest other weight
+            model, sws, lambda: probes.perplexity(model, data["val"], seq_len, a.val_tokens, a.batch_size)["loss"],
+            a.module)
     note = None if sws else "no super weight detected: nothing to ablate (only the original model is measured)"
     common = {"model": a.model, "detect": a.detect, "super_weights": [dataclasses.asdict(s) for s in sws],
               "siblings": siblings(sws), "settings": {"seq_len": seq_len, "val_tokens": a.val_tokens,

@@ -29,8 +29,9 @@ Features
   input and weight (`effective_input`, `effective_weight`: top-K sparsified, ternary if 1.58-bit), and
   `kept_by_topk` says whether top-K keeps the super activation's input X[t, k].
 - `spike_profile`: per-layer max |input|, max |output| (the paper's Fig. 3), JSON {"layers": [...]}.
-- Known coordinates of published models ship in `known_super_weights.json`; a
-  detection on a listed model (matched by `_name_or_path` or --known) records matched / missed / extra.
+- Known coordinates of published models ship in `known_super_weights.json`, each weight with its sources (the
+  paper's Table 2, the authors' code map) and a status (agreed, paper_only, code_only, disputed, unverified);
+  `compare_known` scores a detection by source: matched / missed / extra, disputed weights apart.
 """
 
 from __future__ import annotations
@@ -296,12 +297,17 @@ def siblings(sws: list[SuperWeight]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # known coordinates
 
+KNOWN_STATUSES = ("agreed", "paper_only", "code_only", "disputed", "unverified")
+FIRM = ("agreed", "paper_only", "code_only")  # published by a source and not contested
+
+
 def known_table() -> dict:
     return json.loads(KNOWN_PATH.read_text())
 
 
-def known_entry(name: str | None) -> tuple[str, list[list[int]]] | None:
-    """(hub id, coordinates) of a listed model matched by hub id, alias or the last part of a path."""
+def known_entry(name: str | None) -> tuple[str, dict] | None:
+    """(hub id, entry) of a listed model matched by hub id, alias or the last part of a path; the entry's
+    "weights" give each published coordinate with its sources and status."""
     if not name:
         return None
     key = str(name).rstrip("/").lower()
@@ -309,15 +315,31 @@ def known_entry(name: str | None) -> tuple[str, list[list[int]]] | None:
     for hub_id, entry in known_table()["models"].items():
         names = {hub_id.lower(), hub_id.lower().rsplit("/", 1)[-1], *(a.lower() for a in entry.get("aliases", []))}
         if key in names or base in names:
-            return hub_id, entry["coordinates"]
+            return hub_id, entry
     return None
 
 
-def compare_known(detected: list[SuperWeight], hub_id: str, known: list[list[int]]) -> dict:
+def compare_known(detected: list[SuperWeight], hub_id: str, entry: dict) -> dict:
+    """Score the detection against each published weight, by its source.
+
+    matched / extra: detected coordinates that some source publishes / that none does; missed: firm weights
+    (agreed, paper_only, code_only) not detected (a disputed or unverified weight is never "missed");
+    by_source: matched and missed per source; agrees: every firm weight found and nothing extra.
+    """
     got = {s.coord for s in detected}
-    ref = {tuple(c) for c in known}
-    return {"model": hub_id, "known": sorted(map(list, ref)), "matched": sorted(map(list, got & ref)),
-            "missed": sorted(map(list, ref - got)), "extra": sorted(map(list, got - ref)), "agrees": got == ref}
+    weights = [{**w, "coord": list(w["coord"]), "detected": tuple(w["coord"]) in got} for w in entry["weights"]]
+    published = {tuple(w["coord"]) for w in weights}
+    firm = {tuple(w["coord"]) for w in weights if w["status"] in FIRM}
+    by_source: dict[str, dict] = {}
+    for w in weights:
+        for src in w["sources"]:
+            rec = by_source.setdefault(src, {"matched": [], "missed": []})
+            rec["matched" if w["detected"] else "missed"].append(w["coord"])
+    return {"model": hub_id, "weights": weights, "known": sorted(map(list, firm)),
+            "matched": sorted(map(list, got & published)), "missed": sorted(map(list, firm - got)),
+            "extra": sorted(map(list, got - published)), "by_source": by_source,
+            "disputed": [w for w in weights if w["status"] not in FIRM],
+            "agrees": firm <= got and not got - published}
 
 
 def load_detection(path: str) -> list[SuperWeight]:

@@ -305,6 +305,13 @@ def superweight_ablation_table(ablations: dict[str, dict]) -> Table:
         frac = (a.get("summary") or {}).get("restore_recovered_fraction")
         if finite(frac):
             notes.append(f"{name}: restoring the super activation recovers {fmt_pct(frac, 1)} of the loss increase.")
+        per = (a.get("summary") or {}).get("per_weight")
+        if per and per.get("weights"):
+            each = "; ".join(f"{tuple(w['coord'])} {w['loss_increase']:+.3g} nats ({w['verdict']})" for w in per["weights"])
+            ctrl = per.get("control")
+            notes.append(f"{name}: each weight zeroed alone: {each}" + (
+                f"; the largest other weight ({ctrl['name']} [{ctrl['row']}, {ctrl['col']}]) {ctrl['loss_increase']:+.3g} nats"
+                if ctrl else "") + ".")
         if a.get("note"):
             notes.append(f"{name}: {a['note']}.")
     notes.insert(0, "Loss in nats/token on the validation split; last-word accuracy and the stopword probabilities "
