@@ -1,9 +1,5 @@
 """Sparse GEMV kernels and the sparse decode path (CPU; Triton tests run only where CUDA is present)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -164,9 +160,10 @@ def test_bf16_model_logits_close():
     d = K.enable_sparse_decode(m)
     got = _decode_logits(m, ids, 4).float()
     assert d.backend == "numba" and d.stats()["calls"] == 2 * 4 * 4
-    # bf16 rounding of the outputs differs (fp32 accumulation here, oneDNN's there): a few bf16 ulps
-    assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.75
+    # the same kept sets (one tie rule) and the same fp32 sums, rounded to bf16 after another summation order:
+    # at most one bf16 ulp of the largest logit apart, the same argmax everywhere
+    assert (got - ref).abs().max().item() <= 2.0 ** -7 * ref.abs().max().item()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 def test_generate_tokens_equal():
@@ -324,33 +321,4 @@ def test_auto_picks_a_gpu_backend():
     w, _ = _case(16, 8, torch.float32)
     assert K.SparseWeight(w.cuda()).backend == ("triton" if K.HAVE_TRITON else "torch")
 
-
-# The Triton kernel through Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before the kernel is
-# defined, hence a subprocess): its indexing and masking are checked wherever triton is installed, GPU or not.
-_INTERPRET = r"""
-import types, torch, torch.nn.functional as F
-from sparsescale import kernels as K
-torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=3)
-for dtype in (torch.float32, torch.bfloat16):
-    for d_in, d_out in ((37, 53), (300, 1100)):
-        for s in (0.0, 0.5, 0.95):
-            g = torch.Generator().manual_seed(0)
-            w = torch.randn(d_out, d_in, generator=g).to(dtype)
-            x = torch.randn(d_in, generator=g).to(dtype)
-            sw = K.SparseWeight(w, "torch")
-            sw.backend = "triton"  # CPU tensors, interpreted
-            k = max(1, round((1 - s) * d_in))
-            for kw, mask in (({"k": k}, K.select_mask(x, k=k)), ({"threshold": 0.5}, x.abs() > 0.5)):
-                y, n = sw(x, **kw)
-                ref = F.linear(x.double() * mask, w.double())
-                assert int(n) == int(mask.sum()), (dtype, d_in, s, kw)
-                assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6, (dtype, d_in, s, kw)
-print("ok")
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install 'sparsescale[gpu]')")
-def test_triton_kernel_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+# The Triton kernel through Triton's CPU interpreter (every machine): tests/test_kernels_triton.py

@@ -26,7 +26,7 @@ from sparsescale.layout import decoder_layers
 from sparsescale.numba_threads import numba_threads, prefer_workqueue
 
 try:  # numba is a dependency; guard anyway so that the torch backend works without it
-    import numba  # noqa: F401
+    import numba  # noqa: F401  (the package itself: its absence is what the guard catches)
     from llvmlite import ir as _ir
     from numba import njit, prange, types as _nbtypes
     from numba.extending import intrinsic
