@@ -11,6 +11,7 @@ import planted
 from sparsescale import qsparse
 from sparsescale import superweight as sw
 from sparsescale.superweight import detect as swd, probes
+from sparsescale.superweight.summary import spike_ratios
 from sparsescale.errors import UserError
 from sparsescale.model import save
 
@@ -131,6 +132,28 @@ def test_spike_profile(model, tok):
     assert (r["input_channel"], r["output_channel"], r["token_index"]) == (planted.COL_K, planted.ROW_J, 0)
     assert r["max_abs_input"] > 100 * rows[0]["max_abs_input"]
     json.dumps(prof)
+
+
+def test_spike_stats_is_the_detectors_statistic_in_one_forward(model, tok):
+    ids = probes.encode(tok, sw.OFFICIAL_PROMPT)
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    model.train()
+    stats = sw.spike_stats(model, ids)
+    h.remove()
+    assert calls == [1] and model.training  # one forward; the mode is restored
+    model.eval()
+    assert set(stats) == {"spike_in_ratio", "spike_out_ratio", "spike_layer"} and stats["spike_layer"] == planted.PLANT_LAYER
+    _, layer, r_in, r_out = spike_ratios(sw.spike_profile(model, tok))  # what the summary reports from detect.json
+    assert (stats["spike_layer"], stats["spike_in_ratio"], stats["spike_out_ratio"]) == (
+        layer, pytest.approx(r_in), pytest.approx(r_out))
+    assert stats["spike_in_ratio"] > 100 and stats["spike_out_ratio"] > 100
+    # a batch: maxima over every sequence (BOS first in each: the same spike)
+    batch = planted.self_generated(model, tok, n_seq=4, prompt_len=1, length=12)
+    assert sw.spike_stats(model, batch)["spike_layer"] == planted.PLANT_LAYER
+    assert all(p.grad is None for p in model.parameters())
+    flat = sw.spike_stats(planted.random_model(tok, seed=1), batch)
+    assert flat["spike_in_ratio"] < 3 and flat["spike_out_ratio"] < 3  # no super weight: far below 10
 
 
 def test_qsparse_model_keeps_the_super_activation(tok):

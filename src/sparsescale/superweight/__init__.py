@@ -16,18 +16,18 @@ from sparsescale.superweight.ablate import (
 )
 from sparsescale.superweight.cli import cli_superweight
 from sparsescale.superweight.detect import (
-    ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, KNOWN_STATUSES, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
-    SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights,
-    known_entry, known_table, layer_ratios, load_detection, siblings, spike_profile, super_positions,
+    ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, KNOWN_STATUSES, OFFICIAL_PROMPT, PERSIST, RULES,
+    Detection, SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights,
+    known_entry, known_table, layer_ratios, load_detection, siblings, spike_profile, spike_stats, super_positions,
 )
 from sparsescale.superweight.quantize import fake_quant_activations, quantize_tensor, quantized, sweep
 from sparsescale.superweight.summary import read_summary, summarize, summary_row
 
 __all__ = [
-    "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT", "PERSIST", "RULES",
-    "Detection", "SuperWeight", "cli_superweight", "compare_known", "edited", "effective_input",
+    "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT",
+    "PERSIST", "RULES", "cli_superweight", "compare_known", "Detection", "edited", "effective_input",
     "effective_weight", "fake_quant_activations", "find_super_weights", "known_entry", "known_table",
     "largest_other_weights", "layer_ratios", "load_detection", "pruned_others", "quantize_tensor", "quantized",
-    "read_summary", "restored_activation", "scaled", "siblings", "single_weight_effects", "spike_profile", "summarize", "summary_row", "super_positions",
-    "sweep", "zeroed",
+    "read_summary", "restored_activation", "scaled", "siblings", "single_weight_effects", "spike_profile",
+    "spike_stats", "summarize", "summary_row", "super_positions", "SuperWeight", "sweep", "zeroed",
 ]

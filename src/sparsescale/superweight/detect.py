@@ -29,6 +29,8 @@ Features
   input and weight (`effective_input`, `effective_weight`: top-K sparsified, ternary if 1.58-bit), and
   `kept_by_topk` says whether top-K keeps the super activation's input X[t, k].
 - `spike_profile`: per-layer max |input|, max |output| (the paper's Fig. 3), JSON {"layers": [...]}.
+  `spike_stats(model, input_ids)`: the detector's statistic (largest input / output ratio and its layer) in
+  one forward pass without gradients, cheap enough for every evaluation of a training run.
 - Known coordinates of published models ship in `known_super_weights.json`, each weight with its sources (the
   paper's Table 2, the authors' code map) and a status (agreed, paper_only, code_only, disputed, unverified);
   `compare_known` scores a detection by source: matched / missed / extra, disputed weights apart.
@@ -168,6 +170,43 @@ def spike_profile(model: nn.Module, tokenizer, prompt: str = OFFICIAL_PROMPT, mo
     mods = ffn_out_modules(model, module)
     xs, ys, _ = _capture(model, probes.encode(tokenizer, prompt), mods)
     return {"layers": _profile(xs, ys)}
+
+
+@torch.no_grad()
+def spike_stats(model: nn.Module, input_ids, module: str = DEFAULT_MODULE) -> dict:
+    """The detector's statistic in one forward pass without gradients (cheap enough for every evaluation).
+
+    input_ids: (B, T) or (T,) token ids (a list is accepted). Per layer, the max |down_proj input| and max
+    |output| over every sequence and position, each divided by the median of the same maxima over the other
+    layers (`layer_ratios`). Returns {"spike_in_ratio": the largest input ratio, "spike_out_ratio": the largest
+    output ratio, "spike_layer": the layer where min(input ratio, output ratio) is largest: the one that comes
+    closest to firing the detection, which needs both ratios >= threshold in one layer}. NaN / -1 with fewer
+    than two layers. A DDP wrapper (`.module`) is looked through for the layers; the forward is the model's own.
+    """
+    inner = getattr(model, "module", model)
+    mods = ffn_out_modules(inner, module)
+    maxima = [[0.0, 0.0] for _ in mods]  # per layer: max |X|, max |Y|
+
+    def hook(m, args, out, i):
+        maxima[i][0] = float(args[0].detach().abs().amax())
+        maxima[i][1] = float(_layer_output(out).detach().abs().amax())
+
+    handles = [m.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, m in enumerate(mods)]
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=probes.model_device(inner))
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=ids.reshape(-1, ids.shape[-1]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if len(mods) < 2:
+        return {"spike_in_ratio": float("nan"), "spike_out_ratio": float("nan"), "spike_layer": -1}
+    r_in, r_out = layer_ratios([m[0] for m in maxima]), layer_ratios([m[1] for m in maxima])
+    both = [min(a, b) for a, b in zip(r_in, r_out)]
+    return {"spike_in_ratio": max(r_in), "spike_out_ratio": max(r_out),
+            "spike_layer": max(range(len(both)), key=both.__getitem__)}
 
 
 # ---------------------------------------------------------------------------------------------------------

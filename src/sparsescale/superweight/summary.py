@@ -44,7 +44,7 @@ def read_result(path: Path, kind: str) -> dict:
         raise UserError(f"cannot read {kind} results {path} ({type(err).__name__}: {err}): make it with `{MAKER[kind]}`") from None
 
 
-def _spikelayer_ratios(profile: dict) -> tuple[float, int | None, float, float]:
+def spike_ratios(profile: dict) -> tuple[float, int | None, float, float]:
     """(max over layers of min(input ratio, output ratio), that layer, max input ratio, max output ratio)."""
     layers = sorted((profile or {}).get("layers") or [], key=lambda r: r["layer"])
     if len(layers) < 2:
@@ -73,7 +73,7 @@ def summary_row(det: dict, name: str) -> dict:
     final_path = Path(str(det.get("model", ""))).parent / "final.json"
     final = json.loads(final_path.read_text()) if det.get("model") and final_path.is_file() else {}
     sws = det.get("super_weights") or []
-    ratio, layer, r_in, r_out = _spikelayer_ratios(det.get("profile"))
+    ratio, layer, r_in, r_out = spike_ratios(det.get("profile"))
     kept, n_kept = _kept(sws)
     known = det.get("known")
     return {
