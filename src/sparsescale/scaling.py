@@ -15,25 +15,24 @@ Notable features:
 - Chinchilla approach 3: summed Huber loss (delta = 1e-3) on log loss, L-BFGS-B from a grid of
   initialisations, best kept; tight tolerances because the objective is tiny (~1e-4) and scipy's default
   stops early on it; the number of starts, converged starts and parameters on a bound are reported;
+  many-start refits (bootstrap, drop-one) run loose tolerances and polish the best;
 - log N is centred inside the fit (better conditioning of B, C against alpha); reported constants are in
   the units of `n_params` as given;
-- bootstrap intervals (resampled runs, seeded in the parent so results do not depend on --jobs; each
-  resample warm-started from the full-data fit), leave-one-size-out extrapolation and a model comparison;
 - S* by a dense grid on [0, 1) (fine near 1) then a bounded scalar search, with S* = 0 and
   "no finite optimum" (monotone) edges; the inverse question for a fixed activated-parameter budget;
 - the paper's printed constants evaluated, with the range their rounding admits.
+
+Uncertainty and stability (bootstrap, drop-one refits, design checks) are in `diagnostics.py`; the report
+that `sparsescale fit` writes (fit_{precision}.json) is assembled in `fit.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize, minimize_scalar  # at import: threadpoolctl limits only loaded BLAS libraries
 
 from sparsescale.errors import UserError
@@ -52,6 +51,7 @@ REQUIRED = ("n_params", "sparsity", "val_loss")
 MIN_SIZES, MIN_SPARSITIES = 2, 3  # A(S) has 3 parameters (B, C, beta): 3 sparsities; alpha, E need 2 sizes
 # L-BFGS-B stops when f changes by < ftol * max(|f|, 1); with f ~ 1e-4 the default (2e-9) stops early.
 _LBFGS = {"ftol": 1e-14, "gtol": 1e-10}
+_LOOSE = {"ftol": 1e-10, "gtol": 1e-7, "maxiter": 300}
 
 
 def _check_form(form: str) -> None:
@@ -59,7 +59,7 @@ def _check_form(form: str) -> None:
         raise UserError(f"unknown law form {form!r}: use one of {', '.join(FORMS)}")
 
 
-def _x_of_s(s, form: str):
+def x_of_s(s, form: str):
     """The argument of exp(beta * x) in A(S): 1/(1-S) (paper) or S/(1-S) (card)."""
     s = np.asarray(s, dtype=float)
     return 1.0 / (1.0 - s) if form == "paper" else s / (1.0 - s)
@@ -68,7 +68,7 @@ def _x_of_s(s, form: str):
 def a_of_s(params: dict, s, form: str = "paper"):
     """A(S) of the law, vectorised over `s` in [0, 1)."""
     _check_form(form)
-    return params["B"] + params["C"] * np.exp(params["beta"] * _x_of_s(s, form))
+    return params["B"] + params["C"] * np.exp(params["beta"] * x_of_s(s, form))
 
 
 def law(params: dict, n, s, form: str = "paper"):
@@ -86,14 +86,14 @@ def inference_cost_factor(params: dict, s, form: str = "paper"):
 # ----------------------------------------------------------------------------------------------------
 # One objective for every law: log L = logsumexp_k (F_k @ p), Huber on log L - log y, summed.
 #
-# Law (paper / card), p has 5 entries, z = log N - log N_ref, x = _x_of_s(S):
+# Law (paper / card), p has 5 entries, z = log N - log N_ref, x = x_of_s(S):
 #   p[0] = log E, p[1] = log B', p[2] = log C', p[3] = alpha, p[4] = beta
 #   terms: log E | log B' - alpha z | log C' + beta x - alpha z,   B = B' N_ref^alpha, C = C' N_ref^alpha
 # Dense baseline at one S, q has 3 entries:
 #   q[0] = log E, q[1] = log A', q[2] = alpha;  terms: log E | log A' - alpha z,   A = A' N_ref^alpha
 
 
-def _law_design(z, x):
+def law_design(z, x):
     """Stacked term matrix (K * n, 5) with K = 3 terms; row k * n + i is term k of run i."""
     n = len(z)
     F = np.zeros((3, n, 5))
@@ -103,7 +103,7 @@ def _law_design(z, x):
     return F.reshape(3 * n, 5)
 
 
-def _dense_design(z):
+def dense_design(z):
     n = len(z)
     F = np.zeros((2, n, 3))
     F[0, :, 0] = 1.0
@@ -111,7 +111,7 @@ def _dense_design(z):
     return F.reshape(2 * n, 3)
 
 
-def _one_blas_thread(fn):
+def one_blas_thread(fn):
     """Run `fn` with single-threaded BLAS: on tiny problems OpenBLAS threads only spin, and on a shared
     machine that made L-BFGS-B ~20x slower (threadpoolctl; without it the call runs unchanged). Only
     libraries loaded before the call are limited: hence scipy.optimize is imported at module level."""
@@ -152,29 +152,36 @@ def _objective_many(P, F, log_y, delta=DELTA):
     return _huber(r, delta).sum(axis=0)
 
 
-def _minimise(F, log_y, starts, bounds, delta=DELTA, maxiter=2000):
+def minimise(F, log_y, starts, bounds, delta=DELTA, maxiter=2000, loose=False):
     """L-BFGS-B from every start; -> (best p, its objective, n starts converged to it, best's message).
 
     A start counts as converged when L-BFGS-B declares convergence within 1e-6 (relative) of the best. When
     the best point is one where a start ran out of iterations (in a flat valley, e.g. E against B when alpha
     is small), one more L-BFGS-B run from it (fresh curvature memory) usually converges within a few dozen
     iterations; without it such bootstrap refits were counted as failed although they held the lowest point.
-    """
-    opts = dict(_LBFGS, maxiter=maxiter)
 
-    def run(p0):
+    loose=True (bootstrap and drop-one refits, many starts each): every start runs at loose tolerances
+    (ftol 1e-10, 300 iterations: ~3x cheaper), then the best is polished at the tight ones; a start counts as
+    converged when it reached the polished optimum within 1e-4 (relative).
+    """
+    tight = dict(_LBFGS, maxiter=maxiter)
+
+    def run(p0, opts):
         return minimize(_objective, p0, args=(F, log_y, delta), jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
 
-    results = [run(p0) for p0 in starts]
+    results = [run(p0, _LOOSE if loose else tight) for p0 in starts]
     best = min(results, key=lambda r: r.fun)
-    if not best.success:  # the lowest point came from a start that ran out of iterations: polish it once
-        results.append(run(best.x))
-        best = min(results, key=lambda r: r.fun)
-    n_conv = sum(r.success and r.fun <= best.fun * (1 + 1e-6) + 1e-15 for r in results)
+    if loose or not best.success:  # polish the lowest point (fresh curvature memory, tight tolerances)
+        polished = run(best.x, tight)
+        if polished.fun <= best.fun:
+            best = polished
+        results.append(polished)
+    tol = 1e-4 if loose else 1e-6
+    n_conv = sum(r.success and r.fun <= best.fun * (1 + tol) + 1e-15 for r in results)
     return best.x, float(best.fun), n_conv, best.message
 
 
-def _screen(grid, F, log_y, k, delta=DELTA):
+def screen_starts(grid, F, log_y, k, delta=DELTA):
     """The k grid points with the lowest starting objective."""
     if k is None or k >= len(grid):
         return grid
@@ -186,9 +193,12 @@ def _screen(grid, F, log_y, k, delta=DELTA):
 
 
 def validate_runs(runs, what: str = "runs"):
-    """Check a runs table; -> (finished runs, list of failed runs (NaN val_loss) as dicts)."""
-    import pandas as pd
+    """Check a runs table; -> (usable runs, runs left out as dicts with a `reason`).
 
+    Left out, not fatal: a failed or diverged run (val_loss empty, NaN or inf) and a finished run whose
+    n_params or sparsity is missing (e.g. a row written from failed.json). Fatal (a bad table, not a bad run):
+    a missing column, non-numeric values, n_params <= 0, sparsity outside [0, 1), val_loss <= 0.
+    """
     if not isinstance(runs, pd.DataFrame):
         runs = pd.DataFrame(runs)
     absent = [c for c in REQUIRED if c not in runs.columns]
@@ -203,26 +213,23 @@ def validate_runs(runs, what: str = "runs"):
         except (TypeError, ValueError):
             raise UserError(f"{what}: column {col} must be numeric: got values like {runs[col].iloc[0]!r}") from None
     failed = runs["val_loss"].isna() | np.isinf(runs["val_loss"])  # failed or diverged runs
-    for col in ("n_params", "sparsity"):  # a run listed as missing (aggregate: from failed.json) may lack n_params
-        bad = ~failed & (runs[col].isna() | ~np.isfinite(runs[col]))
-        if bad.any():
-            raise UserError(
-                f"{what}: column {col} has {int(bad.sum())} NaN/missing value(s) (row {int(np.flatnonzero(bad.to_numpy())[0])}): fill them in or drop those runs"
-            )
-    if (runs["n_params"] <= 0).any():
-        raise UserError(f"{what}: n_params must be > 0: got {runs['n_params'].min():g}")
-    bad_s = runs["sparsity"][(runs["sparsity"] < 0) | (runs["sparsity"] >= 1)]
+    unusable = ~failed & (runs["n_params"].isna() | runs["sparsity"].isna())
+    ok = ~failed & ~unusable
+    if (runs.loc[ok, "n_params"] <= 0).any():
+        raise UserError(f"{what}: n_params must be > 0: got {runs.loc[ok, 'n_params'].min():g}")
+    bad_s = runs.loc[ok, "sparsity"][(runs.loc[ok, "sparsity"] < 0) | (runs.loc[ok, "sparsity"] >= 1)]
     if len(bad_s):
         raise UserError(f"sparsity must be in [0, 1): got {bad_s.iloc[0]:g} ({what})")
     keep = [c for c in ("run_id", "precision", "n_params", "sparsity", "seed", "val_loss") if c in runs.columns]
-    missing = runs.loc[failed, keep].astype(object).where(runs.loc[failed, keep].notna(), None).to_dict("records")
-    runs = runs[~failed]
+    left_out = runs.loc[~ok, keep].astype(object).where(runs.loc[~ok, keep].notna(), None)
+    left_out["reason"] = np.where(failed[~ok], "no val_loss (failed or unfinished)", "n_params or sparsity missing")
+    runs = runs[ok]
     if (runs["val_loss"] <= 0).any():
         raise UserError(f"{what}: val_loss must be > 0 (nats/token): got {runs['val_loss'].min():g}")
-    return runs.reset_index(drop=True), missing
+    return runs.reset_index(drop=True), left_out.to_dict("records")
 
 
-def _check_design(runs, what: str) -> None:
+def check_design(runs, what: str) -> None:
     n_sizes, n_sparsities = runs["n_params"].nunique(), runs["sparsity"].nunique()
     if n_sizes < MIN_SIZES or n_sparsities < MIN_SPARSITIES or len(runs) < len(PARAM_NAMES) + 1:
         raise UserError(
@@ -235,12 +242,12 @@ def _check_design(runs, what: str) -> None:
 # Fit
 
 
-def _bounds(log_y):
+def param_bounds(log_y):
     hi = float(log_y.max())
     return [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (-30.0, hi + 5.0), (0.0, 2.0), (-2.0, 10.0)]
 
 
-def _init_grid(log_y):
+def init_grid(log_y):
     """Chinchilla-style grid of starts (internal coordinates), scaled by the smallest observed loss."""
     lo = float(np.exp(log_y.min()))
     E, B, C = lo * np.array([0.3, 0.6, 0.9]), lo * np.array([0.01, 0.1, 0.5]), lo * np.array([0.05, 0.2, 0.8])
@@ -248,7 +255,7 @@ def _init_grid(log_y):
     return np.array([[np.log(e), np.log(b), np.log(c), a, bb] for e, b, c, a, bb in itertools.product(E, B, C, alpha, beta)])
 
 
-def _to_params(p, log_n_ref) -> dict:
+def to_params(p, log_n_ref) -> dict:
     return {
         "E": float(np.exp(p[0])),
         "B": float(np.exp(p[1] + p[3] * log_n_ref)),
@@ -258,7 +265,7 @@ def _to_params(p, log_n_ref) -> dict:
     }
 
 
-def _to_internal(params, log_n_ref, bounds):
+def to_internal(params, log_n_ref, bounds):
     with np.errstate(divide="ignore"):  # B = 0 -> log B = -inf, clipped to the bound
         p = [
             np.log(params["E"]),
@@ -270,13 +277,13 @@ def _to_internal(params, log_n_ref, bounds):
     return np.clip(p, *np.array(bounds).T)
 
 
-def _arrays(runs, form, log_n_ref):
+def design_arrays(runs, form, log_n_ref):
     log_n = np.log(runs["n_params"].to_numpy(float))
     z = log_n - log_n_ref
-    return _law_design(z, _x_of_s(runs["sparsity"].to_numpy(float), form)), np.log(runs["val_loss"].to_numpy(float))
+    return law_design(z, x_of_s(runs["sparsity"].to_numpy(float), form)), np.log(runs["val_loss"].to_numpy(float))
 
 
-@_one_blas_thread
+@one_blas_thread
 def fit_law(
     runs,
     form: str = "paper",
@@ -297,16 +304,16 @@ def fit_law(
     """
     _check_form(form)
     runs, _ = validate_runs(runs)
-    _check_design(runs, "fit_law")
+    check_design(runs, "fit_law")
     if log_n_ref is None:
         log_n_ref = float(np.log(runs["n_params"].to_numpy(float)).mean())
-    F, log_y = _arrays(runs, form, log_n_ref)
-    bounds = _bounds(log_y)
-    starts = _screen(_init_grid(log_y), F, log_y, n_starts, delta)
+    F, log_y = design_arrays(runs, form, log_n_ref)
+    bounds = param_bounds(log_y)
+    starts = screen_starts(init_grid(log_y), F, log_y, n_starts, delta)
     if warm is not None:
-        starts = np.vstack([_to_internal(warm, log_n_ref, bounds), starts])
-    p, fun, n_conv, message = _minimise(F, log_y, starts, bounds, delta, maxiter)
-    params = _to_params(p, log_n_ref)
+        starts = np.vstack([to_internal(warm, log_n_ref, bounds), starts])
+    p, fun, n_conv, message = minimise(F, log_y, starts, bounds, delta, maxiter)
+    params = to_params(p, log_n_ref)
     on_bound = [name for name, v, (lo, hi) in zip(PARAM_NAMES, p, bounds) if min(v - lo, hi - v) <= 1e-6 * (hi - lo)]
     warnings = []
     if not n_conv:
@@ -333,7 +340,7 @@ def fit_law(
     }
 
 
-@_one_blas_thread
+@one_blas_thread
 def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
     """The dense Chinchilla baseline E + A / N^alpha fitted separately at each sparsity (>= 3 sizes each)."""
     runs, _ = validate_runs(runs)
@@ -344,7 +351,7 @@ def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
             continue
         log_n = np.log(grp["n_params"].to_numpy(float))
         log_n_ref = float(log_n.mean())
-        F, log_y = _dense_design(log_n - log_n_ref), np.log(grp["val_loss"].to_numpy(float))
+        F, log_y = dense_design(log_n - log_n_ref), np.log(grp["val_loss"].to_numpy(float))
         lo, hi = float(np.exp(log_y.min())), float(log_y.max())
         starts = np.array(
             [
@@ -352,8 +359,8 @@ def fit_dense_per_s(runs, delta: float = DELTA) -> dict:
                 for e, a, al in itertools.product([0.3, 0.6, 0.9], [0.05, 0.3, 1.0], [0.05, 0.1, 0.2, 0.4, 0.8])
             ]
         )
-        starts = _screen(starts, F, log_y, 12, delta)  # the 12 best of 45 by starting objective
-        q, fun, _, _ = _minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
+        starts = screen_starts(starts, F, log_y, 12, delta)  # the 12 best of 45 by starting objective
+        q, fun, _, _ = minimise(F, log_y, starts, [(-10.0, hi + 1.0), (-30.0, hi + 5.0), (0.0, 2.0)], delta)
         rows.append(
             {"sparsity": float(s), "E": float(np.exp(q[0])), "A": float(np.exp(q[1] + q[2] * log_n_ref)), "alpha": float(q[2])}
         )
@@ -370,7 +377,7 @@ _S_GRID = np.unique(np.concatenate([np.linspace(0.0, 0.999, 1000), 1.0 - np.logs
 def _log_cost(params, s, form):
     """log of A(S) (1-S)^alpha; stays finite where exp(beta/(1-S)) would overflow."""
     with np.errstate(divide="ignore"):
-        log_a = np.logaddexp(np.log(params["B"]), np.log(params["C"]) + params["beta"] * _x_of_s(s, form))
+        log_a = np.logaddexp(np.log(params["B"]), np.log(params["C"]) + params["beta"] * x_of_s(s, form))
         return log_a + params["alpha"] * np.log1p(-np.asarray(s, dtype=float))
 
 
@@ -463,359 +470,3 @@ def paper_constants_check(form: str = "paper") -> dict:
             f"two decimals and S* ~ 1 - beta/alpha is sensitive to that rounding; any S* in {lo:.1%}-{hi:.1%} is consistent with them."
         ),
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Uncertainty: bootstrap, leave-one-size-out, model comparison
-
-
-@_one_blas_thread
-def _bootstrap_chunk(args):
-    """Fit a list of resamples (runs in a worker process); -> rows of (ok, E, B, C, alpha, beta, S*)."""
-    n, s, y, form, warm, log_n_ref, indices, k_grid = args
-    log_y_all = np.log(y)
-    F_all = _law_design(np.log(n) - log_n_ref, _x_of_s(s, form))
-    bounds = _bounds(log_y_all)
-    grid = _init_grid(log_y_all)
-    rows = []
-    for idx in indices:
-        if len(np.unique(n[idx])) < MIN_SIZES or len(np.unique(s[idx])) < MIN_SPARSITIES:
-            rows.append([0.0] + [np.nan] * 6)  # a resample that lost a size or a sparsity cannot be fitted
-            continue
-        F = F_all.reshape(3, len(n), 5)[:, idx].reshape(-1, 5)
-        log_y = log_y_all[idx]
-        starts = np.vstack([warm[None], _screen(grid, F, log_y, k_grid)])
-        p, _, n_conv, _ = _minimise(F, log_y, starts, bounds)
-        params = _to_params(p, log_n_ref)
-        rows.append([float(n_conv > 0)] + [params[k] for k in PARAM_NAMES] + [optimal_sparsity(params, form)["s_star"]])
-    return rows
-
-
-def _jobs(jobs: int | None) -> int:
-    if jobs is None:
-        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if jobs < 1:
-        raise UserError(f"--jobs must be >= 1: got {jobs}")
-    return jobs
-
-
-def bootstrap(
-    runs, fit: dict, n_boot: int = 1000, seed: int = 0, jobs: int | None = None, level: float = LEVEL, k_grid: int = 1
-) -> dict:
-    """Percentile intervals from refits of runs resampled with replacement.
-
-    The resample indices come from one seeded generator in this process, so the result is the same for
-    any number of jobs. Each refit starts from the full-data optimum plus the k_grid best grid points.
-    Returns {"samples": (n_boot, 7) array [ok, E, B, C, alpha, beta, S*], "ci": {...}, "n", "n_ok", ...}.
-    """
-    if n_boot < 1:
-        raise UserError(f"--bootstrap must be >= 1: got {n_boot}")
-    runs, _ = validate_runs(runs)
-    n, s, y = (runs[c].to_numpy(float) for c in REQUIRED)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(runs), size=(n_boot, len(runs)))
-    jobs = min(_jobs(jobs), n_boot)
-    chunks = np.array_split(np.arange(n_boot), jobs * 4 if jobs > 1 else 1)
-    tasks = [(n, s, y, fit["form"], fit["p"], fit["log_n_ref"], idx[c], k_grid) for c in chunks if len(c)]
-    if jobs == 1:
-        rows = [r for t in tasks for r in _bootstrap_chunk(t)]
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            rows = [r for out in pool.map(_bootstrap_chunk, tasks) for r in out]
-    samples = np.array(rows)
-    ok = samples[:, 0] == 1.0
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    ci = {}
-    for j, name in enumerate(list(PARAM_NAMES) + ["s_star"], start=1):
-        ci[name] = [float(v) for v in np.percentile(samples[ok, j], q)] if ok.any() else [None, None]
-    return {
-        "samples": samples,
-        "ci": {k: ci[k] for k in PARAM_NAMES},
-        "s_star_ci": ci["s_star"],
-        "n": n_boot,
-        "n_ok": int(ok.sum()),
-        "seed": seed,
-        "level": level,
-    }
-
-
-def leave_one_size_out(runs, form: str = "paper", n_starts: int | None = 32) -> dict | None:
-    """Fit without the largest N and predict it; None when fewer than 3 sizes leave too little to fit."""
-    runs, _ = validate_runs(runs)
-    largest = runs["n_params"].max()
-    train, test = runs[runs["n_params"] < largest], runs[runs["n_params"] == largest]
-    if train["n_params"].nunique() < MIN_SIZES or train["sparsity"].nunique() < MIN_SPARSITIES:
-        return None
-    fit = fit_law(train, form, n_starts=n_starts)
-    pred = law(fit["params"], test["n_params"].to_numpy(float), test["sparsity"].to_numpy(float), form)
-    obs = test["val_loss"].to_numpy(float)
-    rel = (pred - obs) / obs
-    points = [
-        {"n_params": float(n), "sparsity": float(s), "observed": float(o), "predicted": float(p), "rel_error": float(r)}
-        for n, s, o, p, r in zip(test["n_params"], test["sparsity"], obs, pred, rel)
-    ]
-    return {"held_out_n_params": float(largest), "points": points, "mean_abs_rel_error": float(np.abs(rel).mean())}
-
-
-def _dense_loso(runs) -> float | None:
-    """Leave-one-size-out for the per-S baseline: each S needs >= 3 other sizes; None if none qualifies."""
-    largest = runs["n_params"].max()
-    dense = fit_dense_per_s(runs[runs["n_params"] < largest])["fits"]
-    errs = []
-    for row in dense:
-        test = runs[(runs["n_params"] == largest) & (runs["sparsity"] == row["sparsity"])]
-        pred = row["E"] + row["A"] / test["n_params"] ** row["alpha"]
-        errs += list(np.abs(pred - test["val_loss"]) / test["val_loss"])
-    return float(np.mean(errs)) if errs else None
-
-
-def _aic(objective: float, n: int, k: int) -> float:
-    """Pseudo-AIC: 2 x Huber objective stands in for the residual sum of squares (n log(RSS/n) + 2k)."""
-    return float(n * np.log(max(2.0 * objective, 1e-300) / n) + 2 * k)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reports (the fit_{precision}.json schema) and per-precision fits
-
-
-@_one_blas_thread
-def fit_report(
-    runs,
-    form: str = "paper",
-    n_boot: int = 1000,
-    seed: int = 0,
-    jobs: int | None = None,
-    level: float = LEVEL,
-    n_starts: int | None = None,
-    precision: str | None = None,
-    compare: bool = True,
-) -> dict:
-    """Everything `fit_{precision}.json` holds for one precision's runs (failed runs listed, not fitted)."""
-    from sparsescale.io import versions
-
-    _check_form(form)
-    runs, missing = validate_runs(runs, f"runs of precision {precision}" if precision else "runs")
-    _check_design(runs, f"runs of precision {precision}" if precision else "runs")
-    fit = fit_law(runs, form, n_starts=n_starts)
-    boot = bootstrap(runs, fit, n_boot, seed, jobs, level)
-    opt = optimal_sparsity(fit["params"], form)
-    warnings = list(fit["warnings"])
-    if missing:
-        warnings.append(f"{len(missing)} run(s) without val_loss (failed or unfinished) were left out: see 'missing'")
-    if boot["n_ok"] < 0.9 * boot["n"]:
-        warnings.append(f"only {boot['n_ok']} of {boot['n']} bootstrap refits converged: intervals are less reliable")
-    if opt["note"]:
-        warnings.append(opt["note"])
-    s_ci = boot["s_star_ci"]
-    n_few = min(n_starts or 32, 32)  # held-out and other-form fits: the best 32 grid starts are plenty
-    loso = leave_one_size_out(runs, form, n_few)
-    dense = fit_dense_per_s(runs)
-    comparison = {}
-    if compare:
-        for other in FORMS:
-            # paper and card are one family (C_card = C_paper e^beta): start the other form from this fit
-            sign = 1.0 if other == "card" else -1.0
-            warm = dict(fit["params"], C=fit["params"]["C"] * np.exp(sign * fit["params"]["beta"]))
-            f_other = fit if other == form else fit_law(runs, other, n_starts=n_few, warm=warm)
-            l_other = loso if other == form else leave_one_size_out(runs, other, n_few)
-            comparison[other] = {
-                "objective": f_other["objective"],
-                "aic": _aic(f_other["objective"], len(runs), len(PARAM_NAMES)),
-                "loso_mean_abs_rel_error": l_other["mean_abs_rel_error"] if l_other else None,
-            }
-        comparison["dense_per_s"] = {
-            "objective": dense["objective"],
-            "aic": _aic(dense["objective"], len(runs), dense["n_params_fitted"]) if dense["fits"] else None,
-            "loso_mean_abs_rel_error": _dense_loso(runs),
-        }
-    if dense["skipped_sparsities"]:
-        warnings.append(f"dense baseline skipped sparsities {dense['skipped_sparsities']} (fewer than 3 sizes each)")
-    sizes = sorted(runs["n_params"].unique().tolist())
-    return {
-        "precision": precision,
-        "form": form,
-        "params": fit["params"],
-        "ci": boot["ci"],
-        "s_star": opt["s_star"],
-        "s_star_ci": s_ci,
-        "n_over_na": opt["n_over_na"],
-        "n_over_na_ci": [1.0 / (1.0 - v) if v is not None and v < 1 else None for v in s_ci],
-        "inference_cost_factor": opt["inference_cost_factor"],
-        "objective": fit["objective"],
-        "n_starts": fit["n_starts"],
-        "n_converged": fit["n_converged"],
-        "converged": fit["converged"],
-        "on_bound": fit["on_bound"],
-        "warnings": warnings,
-        "n_runs": len(runs),
-        "n_sizes": len(sizes),
-        "sizes": sizes,
-        "sparsities": sorted(runs["sparsity"].unique().tolist()),
-        "bootstrap": {"n": boot["n"], "n_ok": boot["n_ok"], "seed": seed, "level": level},
-        "loso": loso,
-        "comparison": comparison,
-        "dense_baseline": dense["fits"],
-        "missing": missing,
-        "versions": versions(),
-    }
-
-
-def _precisions(runs):
-    if "precision" not in runs.columns:
-        return runs.assign(precision="fp"), ["no precision column: all runs taken as full precision (fp)"]
-    # "1.58" may have been read as the float 1.58: normalise to the strings fp / 1.58
-    return runs.assign(precision=[p if isinstance(p, str) or p != p else f"{p:g}" for p in runs["precision"]]), []
-
-
-def fit_all(
-    runs,
-    form: str = "paper",
-    n_boot: int = 1000,
-    seed: int = 0,
-    jobs: int | None = None,
-    level: float = LEVEL,
-    precision: str | None = None,
-    n_starts: int | None = None,
-) -> dict:
-    """fit_report for each precision in the table (or just `precision`); -> {precision: report}."""
-    import pandas as pd
-
-    runs = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
-    if "precision" in runs.columns and runs["precision"].isna().any():
-        raise UserError("runs: column precision has missing values: set each run's precision to fp or 1.58")
-    runs, notes = _precisions(runs)
-    present = sorted(runs["precision"].unique())
-    if precision is not None:
-        if precision not in present:
-            raise UserError(f"no runs with precision {precision!r}: the table has {', '.join(present) or 'none'}")
-        present = [precision]
-    jobs = _jobs(jobs)
-    share = [max(1, jobs // len(present) + (i < jobs % len(present))) for i in range(len(present))]  # all cores used
-    args = [(runs[runs["precision"] == p], form, n_boot, seed, share[i], level, n_starts, p) for i, p in enumerate(present)]
-    if jobs > 1 and len(present) > 1:  # the precisions side by side, each with its share of the cores
-        with ProcessPoolExecutor(max_workers=min(jobs, len(present))) as pool:
-            reports = list(pool.map(_fit_report_args, args))
-    else:
-        reports = [_fit_report_args(a) for a in args]
-    out = {}
-    for p, rep in zip(present, reports):
-        out[p] = rep
-        out[p]["warnings"] = notes + out[p]["warnings"]
-    return out
-
-
-def _fit_report_args(a):
-    runs, form, n_boot, seed, jobs, level, n_starts, precision = a
-    return fit_report(runs, form, n_boot, seed, jobs, level, n_starts, precision=precision)
-
-
-def optimal_sparsity_summary(reports: dict, form: str = "paper") -> dict:
-    """Both precisions' S* with intervals, whether the intervals separate, and the paper-constants check."""
-    from sparsescale.io import versions
-
-    per = {p: {k: r[k] for k in ("s_star", "s_star_ci", "n_over_na", "n_over_na_ci")} for p, r in reports.items()}
-    separate, statement = None, "only one precision fitted: nothing to compare"
-    if "fp" in per and "1.58" in per:
-        (a_lo, a_hi), (b_lo, b_hi) = per["fp"]["s_star_ci"], per["1.58"]["s_star_ci"]
-        if None not in (a_lo, a_hi, b_lo, b_hi):
-            separate = bool(a_hi < b_lo or b_hi < a_lo)
-            level = reports["fp"]["bootstrap"]["level"]
-            desc = f"fp {per['fp']['s_star']:.3f} [{a_lo:.3f}, {a_hi:.3f}] vs 1.58 {per['1.58']['s_star']:.3f} [{b_lo:.3f}, {b_hi:.3f}]"
-            statement = (
-                f"the {level:.0%} intervals of S* separate ({desc})"
-                if separate
-                else f"the {level:.0%} intervals of S* overlap ({desc}): the data do not distinguish the two"
-            )
-        else:
-            statement = "an S* interval is missing (no bootstrap refit converged): cannot compare"
-    return {
-        "form": form,
-        "precisions": per,
-        "separate": separate,
-        "statement": statement,
-        "paper_constants": paper_constants_check(form) if form == "paper" else paper_constants_check("paper"),
-        "paper_stated_s_star": dict(PAPER_S_STAR),
-        "versions": versions(),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-
-
-def cli_fit(argv: list[str]) -> int:
-    import pandas as pd
-
-    from sparsescale.io import write_json
-
-    ap = argparse.ArgumentParser(
-        prog="sparsescale fit",
-        description="Fit L(N,S) per precision with bootstrap intervals; write fit_{precision}.json and optimal_sparsity.json.",
-    )
-    ap.add_argument(
-        "runs", help="runs table (CSV) with columns n_params, sparsity, val_loss, precision (fp/1.58), optionally seed"
-    )
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--form", default="paper", choices=FORMS, help="A(S) form (default: paper)")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
-    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    ap.add_argument("--jobs", type=int, default=None, help="worker processes: the precisions side by side, each bootstrapping on its share (default: all cores)")
-    ap.add_argument("--precision", default=None, help="fit only this precision (fp or 1.58)")
-    ap.add_argument("--starts", type=int, default=64,
-                    help="L-BFGS-B starts: the best of the 432-point grid by starting objective (default 64; 0 = all). "
-                         "On the default sweep's 16-run tables 64 starts reach the all-start optimum to 1e-10 "
-                         "(relative objective) in 1/5 of the time")
-    ap.add_argument("--mode", default="scratch",
-                    help="fit only runs of this training mode when the table has a `mode` column (default: scratch; "
-                         "continue/finetune runs start from a trained model and do not follow the law)")
-    args = ap.parse_args(argv)
-    try:
-        runs = pd.read_csv(args.runs, dtype={"precision": str})
-    except FileNotFoundError:
-        raise UserError(f"runs table not found: {args.runs} (make it with `sparsescale aggregate`)") from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-        raise UserError(f"cannot read runs table {args.runs}: {err}") from None
-    if "mode" in runs.columns:
-        if not (runs["mode"] == args.mode).any():
-            raise UserError(f"{args.runs} has no runs with mode={args.mode!r} (modes: {sorted(runs['mode'].dropna().unique())})")
-        runs = runs[runs["mode"] == args.mode]
-    reports = fit_all(runs, args.form, args.bootstrap, args.seed, args.jobs, precision=args.precision, n_starts=args.starts or None)
-    for p, rep in reports.items():
-        for w in rep["warnings"]:
-            print(f"warning [{p}]: {w}", file=sys.stderr)
-        write_json(os.path.join(args.out, f"fit_{p}.json"), rep)
-        ci = rep["s_star_ci"]
-        print(
-            f"{p}: S* = {rep['s_star']:.4f} [{ci[0]}, {ci[1]}], N/N_a = {rep['n_over_na']:.3f}, "
-            f"{rep['n_runs']} runs, {rep['bootstrap']['n_ok']}/{rep['bootstrap']['n']} bootstrap refits converged"
-        )
-    summary = optimal_sparsity_summary(reports, args.form)
-    write_json(os.path.join(args.out, "optimal_sparsity.json"), summary)
-    print(summary["statement"])
-    return 0
-
-
-def cli_optimal_sparsity(argv: list[str]) -> int:
-    from sparsescale.io import dumps_json
-
-    ap = argparse.ArgumentParser(
-        prog="sparsescale optimal-sparsity", description="S* = argmin_S A(S)(1-S)^alpha and N/N_a for given law constants."
-    )
-    for name in PARAM_NAMES:
-        ap.add_argument(
-            f"--{name}",
-            type=float,
-            required=name != "E",
-            help=f"law constant {name}" + (" (only needed with --n-active)" if name == "E" else ""),
-        )
-    ap.add_argument("--form", default="paper", choices=FORMS)
-    ap.add_argument(
-        "--n-active", type=float, default=None, help="also give the best (N, S) and loss for this activated-parameter budget"
-    )
-    args = ap.parse_args(argv)
-    params = {k: getattr(args, k) for k in PARAM_NAMES}
-    out = {"form": args.form, "params": params, **optimal_sparsity(params, args.form)}
-    if args.n_active is not None:
-        out["budget"] = best_config_for_budget(params, args.n_active, args.form)
-    print(dumps_json(out), end="")
-    return 0

@@ -14,8 +14,9 @@ import os
 import time
 
 import numpy as np
+import pandas as pd
 
-from sparsescale import scaling
+from sparsescale import diagnostics, scaling
 
 # Well-identified constants (sharp minimum of A(S)(1-S)^alpha): the same ones the tests recover.
 TRUE = {"E": 1.0, "B": 100.0, "C": 470.0, "alpha": 0.5, "beta": 0.25}
@@ -25,8 +26,6 @@ SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8)
 
 def synthetic_runs(params=TRUE, form="paper", sizes=SIZES, sparsities=SPARSITIES, seeds=2, noise=0.01, rng_seed=0):
     """A runs table (n_params, sparsity, seed, precision, val_loss) from the law with multiplicative noise."""
-    import pandas as pd
-
     rng = np.random.default_rng(rng_seed)
     n, s, seed = (
         a.ravel() for a in np.meshgrid(np.asarray(sizes, float), np.asarray(sparsities, float), np.arange(seeds), indexing="ij")
@@ -42,14 +41,15 @@ def bench_fit(argv: list[str]) -> int:
     ap.add_argument("--form", default="paper", choices=scaling.FORMS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--starts", type=int, default=64, help="L-BFGS-B starts, as `sparsescale fit` (0 = all 432)")
+    ap.add_argument("--multistart", type=int, default=diagnostics.MULTISTART, help="grid starts per bootstrap refit, as `sparsescale fit`")
     args = ap.parse_args(argv)
-    jobs = scaling._jobs(args.jobs)
+    jobs = diagnostics.jobs_or_cores(args.jobs)
     runs = synthetic_runs(form=args.form, rng_seed=args.seed)
 
     t0, c0 = time.perf_counter(), time.process_time()
     fit = scaling.fit_law(runs, args.form, n_starts=args.starts or None)
     t1, c1 = time.perf_counter(), time.process_time()
-    boot = scaling.bootstrap(runs, fit, args.bootstrap, args.seed, jobs)
+    boot = diagnostics.bootstrap(runs, fit, args.bootstrap, args.seed, jobs, multistart=args.multistart)
     t2 = time.perf_counter()
     # CPU seconds of this process and the (reaped) workers: wall time on a busy shared machine misleads
     boot_cpu = os.times().children_user + os.times().children_system + time.process_time() - c1
