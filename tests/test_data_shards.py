@@ -210,3 +210,43 @@ def test_saved_tokenizer_loads_with_transformers_4(single):
     proc = subprocess.run([sys.executable, "-c", code, str(single)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == data.load_tokenizer(single)("Shall I compare")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------ workflow
+
+
+@pytest.mark.slow
+def test_snakemake_scatter_gather_writes_the_single_file_dataset(tmp_path):
+    """The rules (tokenizer -> 2 encode parts -> 3 + 1 shards -> gather) on the smoke config's corpus give the
+    tokens of the single-file `prepare`; the temporary parts and work copies of the shards are gone."""
+    import shutil
+
+    import yaml
+
+    root, bin_ = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    for name in ("Snakefile", "workflow", "profiles", "config"):
+        (shutil.copytree if (root / name).is_dir() else shutil.copy)(root / name, tmp_path / name)
+    shutil.copytree(FIXTURES, tmp_path / "tests" / "fixtures")
+    cfg = yaml.safe_load((root / "config" / "smoke.yaml").read_text())
+    cfg["data"].update(shards=3, parts=2)
+    (tmp_path / "sharded.yaml").write_text(yaml.safe_dump(cfg))
+    target = f"{cfg['results']}/data/{cfg['data']['name']}"
+    cmd = [str(bin_ / "snakemake"), target, "--cores", "2", "--configfile", "sharded.yaml"]
+    dry = subprocess.run([*cmd, "-n"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    counts = {ln.split()[0]: int(ln.split()[1]) for ln in dry.stdout.splitlines()
+              if len(ln.split()) == 2 and ln.split()[1].isdigit()}
+    assert counts == {"data_tokenizer": 1, "data_encode": 2, "data_shard": 4, "data_gather": 1, "total": 8}, dry.stdout
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sharded, one = tmp_path / target, tmp_path / "one"
+    d = cfg["data"]
+    data.prepare(data.files_corpus([str(tmp_path / f) for f in d["files"]]), one, vocab_size=d["vocab_size"],
+                 val_fraction=d["val_fraction"])
+    assert np.array_equal(data.load_tokens(sharded, "train")[:], np.asarray(data.load_tokens(one, "train")))
+    assert (sharded / "val.bin").read_bytes() == (one / "val.bin").read_bytes()
+    meta = data.verify(sharded)
+    assert [s["file"] for s in meta["shards"]] == ["train-00000.bin", "train-00001.bin", "train-00002.bin"]
+    work = sharded.with_name(sharded.name + ".work")
+    assert not (work / "parts").exists() or not any((work / "parts").iterdir())  # temp(): removed after use
+    assert sorted(p.name for p in (work / "shards").iterdir()) == sorted(f"{b}.json" for b in data.bucket_names(3))

@@ -43,7 +43,7 @@ SHARDED_FORMAT = 2  # meta.json of a sharded dataset (the single-file one is for
 INDEX_DTYPE = np.dtype([("key", "<f8"), ("n_tokens", "<i8")])  # one record per document of a bucket
 BATCH_DOCS = 256  # documents per encode_batch call
 BATCH_CHARS = 8 << 20  # ... or fewer, so a batch of long documents stays ~8 MB of text
-FLUSH_TOKENS = 4 << 20  # buffered tokens (all buckets) before an encode job appends them to its files
+FLUSH_TOKENS = 1 << 20  # buffered tokens (all buckets) before an encode job appends them to its files
 
 
 def bucket_names(n_shards: int) -> list[str]:
@@ -130,6 +130,7 @@ def encode_part(spec: dict, tokenizer_dir: str | os.PathLike, out: str | os.Path
         raise UserError(f"the number of shards must be at least 1: got {n_shards} (data.shards)")
     info = load_tokenizer_info(tokenizer_dir)
     backend = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets (~30% less CPU)
     dtype, sep = np.dtype(info["dtype"]), info["sep_id"]
     val_fraction, seed = info["val_fraction"], info["seed"]
     names = bucket_names(n_shards)
@@ -155,7 +156,7 @@ def encode_part(spec: dict, tokenizer_dir: str | os.PathLike, out: str | os.Path
 
         def encode(batch: list[str]) -> int:
             added = 0
-            for text, enc in zip(batch, backend.encode_batch(batch, add_special_tokens=False)):
+            for text, enc in zip(batch, encode_batch(batch, add_special_tokens=False)):
                 key = document_key(text, seed)
                 b = bucket_of(key, val_fraction, n_shards)
                 ids = np.empty(len(enc.ids) + 1, dtype=dtype)
