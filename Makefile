@@ -21,7 +21,7 @@ STAMP := $(BIN)/.sparsescale-setup
 # Snakemake's jobs call `sparsescale ...`: the environment's bin/ goes first on PATH for every recipe
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test smoke lint dryrun-paper clean
+.PHONY: setup run test smoke lint dryrun-paper gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ test: setup
 ## smoke: the seconds-scale config end to end
 smoke: setup
 	"$(BIN)/snakemake" --cores $(CORES) --configfile config/smoke.yaml
+
+## gpu-check: the prepared GPU check (<= 8 min on one H100) -> results/bench/gpu/; fails without CUDA.
+## Offline: uses the installed environment as is (torch with CUDA, triton), the project from src/.
+gpu-check:
+	@py="$(BIN)/python"; [ -x "$$py" ] || py="$(PYTHON)"; \
+	  PYTHONPATH=src "$$py" -m sparsescale.bench.gpu_check --out results/bench/gpu
 
 lint: setup
 	"$(BIN)/snakemake" --lint
