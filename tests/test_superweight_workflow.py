@@ -294,6 +294,65 @@ def test_quantize_and_w8a8_tables_read_back(sweep):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# emergence in our own models (curves.csv with the spike statistic of each evaluation)
+
+def curves_csv(with_spikes: bool = True) -> pd.DataFrame:
+    """Two sizes x (dense, S=0.5) x (fp, 1.58), three evaluations each; the dense fp d4 run grows a spike."""
+    rows = []
+    for size, n in (("d3", 332448), ("d4", 786432)):
+        for prec in ("fp", "1.58"):
+            for s in (0.0, 0.5):
+                rid = f"{size}-s{s:.2f}-b{prec}-seed0"
+                for step, tokens in ((100, 1000), (200, 2000), (300, 3000)):
+                    grow = size == "d4" and prec == "fp" and s == 0.0
+                    r_in = (2.0 + step / 100) * (10 if grow and step == 300 else 1)
+                    row = {"run_id": rid, "size": size, "n_params": n, "sparsity": s, "precision": prec, "seed": 0,
+                           "mode": "scratch", "step": step, "tokens": tokens, "train_loss": 4.0, "val_loss": 4.1}
+                    if with_spikes:
+                        row.update(spike_in_ratio=r_in, spike_out_ratio=r_in / 2 if not grow else r_in * 1.2,
+                                   spike_layer=1)
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_emergence_figure_plots_each_run_against_tokens_and_n():
+    fig = SR.plot_spike_emergence(curves_csv())
+    ax_tok, ax_n = fig.axes[0], fig.axes[1]
+    runs = [ln for ln in ax_tok.get_lines() if ln.get_marker() == "o"]
+    assert len(runs) == 8  # one line per run
+    assert sorted(tuple(float(v) for v in ln.get_ydata()) for ln in runs)[-1] == (3.0, 4.0, 50.0)  # the growing run
+    assert [float(v) for v in runs[0].get_xdata()] == [1000, 2000, 3000]
+    per_n = [ln for ln in ax_n.get_lines() if ln.get_marker() == "s"]
+    assert len(per_n) == 4 and all([float(v) for v in ln.get_xdata()] == [332448, 786432] for ln in per_n)
+    assert sorted(tuple(float(v) for v in ln.get_ydata()) for ln in per_n)[-1] == (5.0, 50.0)  # last evaluation
+    assert ax_n.get_xscale() == "log" and ax_tok.get_yscale() == "log"
+    assert any(ln.get_linestyle() == ":" and float(ln.get_ydata()[0]) == 10.0 for ln in ax_tok.get_lines())
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "S = 0% (dense)" in legend and "detection threshold (10)" in legend
+
+
+@pytest.mark.parametrize("curves", [None, "no_columns", "all_nan"])
+def test_emergence_without_spike_columns_says_no_data(curves):
+    df = {"no_columns": curves_csv(False), "all_nan": curves_csv().assign(spike_in_ratio=np.nan, spike_out_ratio=np.nan),
+          None: None}[curves]
+    fig = SR.plot_spike_emergence(df)
+    assert all("no spike statistics in curves.csv" in ax.texts[0].get_text() for ax in fig.axes)
+    t = SR.superweight_emergence_table(df)
+    assert t.rows == [] and "no spike statistics" in t.notes[0] and list(t.data.columns)[:2] == ["run_id", "size"]
+
+
+def test_emergence_table_one_row_per_run_at_its_last_evaluation():
+    t = SR.superweight_emergence_table(curves_csv())
+    rows = md_rows(to_markdown(t))
+    assert len(rows) == 8 and len(t.data) == 8
+    assert [r[2] for r in rows] == ["full precision"] * 4 + ["1.58-bit"] * 4
+    assert [(r[0], r[3]) for r in rows[:4]] == [("d3", "0%"), ("d3", "50%"), ("d4", "0%"), ("d4", "50%")]
+    assert rows[2] == ["d4", "786k", "full precision", "0%", "0", "3k", "50", "60", "1", "yes"]  # stands out at the end
+    assert rows[0][6:] == ["5", "2.5", "1", "no"] and [r[-1] for r in rows].count("yes") == 1
+    assert t.data.tokens.tolist() == [3000] * 8 and t.data.spike_in_ratio.max() == 50.0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI and workflow
 
 def test_cli_report_writes_everything_byte_identically(sweep, tmp_path, capsys):
@@ -314,6 +373,12 @@ def test_cli_report_writes_everything_byte_identically(sweep, tmp_path, capsys):
     cli_superweight(args + ["--tables", str(tmp_path / "t3")])
     assert f"no {sweep[1] / 'quantize.json'}" in capsys.readouterr().out  # named, not silently dropped
     assert "d3-s0.50-b1.58-seed0" not in (tmp_path / "t3" / "superweight_quantize.md").read_text()
+    curves = tmp_path / "curves.csv"
+    curves_csv().to_csv(curves, index=False)
+    cli_superweight(args + ["--curves", str(curves), "--tables", str(tmp_path / "t4")])
+    emergence = (tmp_path / "t4" / "superweight_emergence.md").read_text()
+    assert "| d4 | 786k | full precision | 0% | 0 | 3k | 50 | 60 | 1 | yes |" in emergence
+    assert "no spike statistics" in (tmp_path / "t1" / "superweight_emergence.md").read_text()  # without --curves
     with pytest.raises(UserError, match="nothing to do"):
         cli_superweight(["report", "--summary", str(summary), "--dirs", str(sweep[0])])
 

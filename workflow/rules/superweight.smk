@@ -1,6 +1,7 @@
 # Super weights: detection, ablation and super-outlier-aware quantization over trained models of the sweep
 # and an optional list of HF checkpoints (config: superweight); one folder per model under
-# {results}/superweight/, a summary across models, and figures/tables made only from those files.
+# {results}/superweight/, a summary across models, and figures/tables made only from those files (and from
+# curves.csv: the spike statistic each training run logs at its evaluations).
 # Paths and helpers (superweight_models, superweight_targets, ...) live in superweight_common.smk.
 
 
@@ -104,6 +105,7 @@ rule superweight_summary:
 rule superweight_figures:
     input:
         summary=f"{SW}/summary.csv",
+        curves=f"{R}/tables/curves.csv",
         results=expand(
             f"{SW}/{{name}}/{{kind}}.json",
             name=superweight_models(),
@@ -128,13 +130,14 @@ rule superweight_figures:
         out=lambda wc, output: os.path.dirname(output.pngs[0]),
         dpi=config["figures"].get("dpi", 200),
     shell:
-        "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --figures {params.out} "
-        "--dpi {params.dpi} > {log} 2>&1"
+        "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --curves {input.curves} "
+        "--figures {params.out} --dpi {params.dpi} > {log} 2>&1"
 
 
 rule superweight_tables:
     input:
         summary=f"{SW}/summary.csv",
+        curves=f"{R}/tables/curves.csv",
         results=expand(
             f"{SW}/{{name}}/{{kind}}.json",
             name=superweight_models(),
@@ -159,5 +162,5 @@ rule superweight_tables:
         dirs=sw_dirs(),
         out=lambda wc, output: os.path.dirname(output.md[0]),
     shell:
-        "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --tables {params.out} "
-        "> {log} 2>&1"
+        "sparsescale superweight report --summary {input.summary} --dirs {params.dirs} --curves {input.curves} "
+        "--tables {params.out} > {log} 2>&1"

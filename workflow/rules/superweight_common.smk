@@ -4,12 +4,19 @@ import re
 import shlex
 
 SW = f"{R}/superweight"
-SW_FIGURES = ["sw_spike_profile", "sw_ablation", "sw_scale", "sw_quantize"]
+SW_FIGURES = [
+    "sw_spike_profile",
+    "sw_ablation",
+    "sw_scale",
+    "sw_quantize",
+    "sw_emergence",
+]
 SW_TABLES = [
     "superweight_summary",
     "superweight_ablation",
     "superweight_quantize",
     "superweight_w8a8",
+    "superweight_emergence",
 ]
 SW_RESOURCES = dict(
     gpu=config.get("superweight", {}).get("gpu", 0),

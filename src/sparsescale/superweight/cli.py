@@ -35,7 +35,7 @@ from sparsescale.superweight.quantize import (
     DEFAULT_BLOCKS, DEFAULT_Z_GRID, METHODS, check_bits, check_block, sweep, z_value,
 )
 from sparsescale.superweight.summary import read_summary, summarize, to_csv
-from sparsescale.tables import write_table
+from sparsescale.tables import read_curves, write_table
 
 
 def add_common_args(p: argparse.ArgumentParser, data_required: bool = False, eval_args: bool = True) -> None:
@@ -249,6 +249,7 @@ def cli_report(argv: list[str]) -> int:
     p.add_argument("--figures", help="folder for {name}.png and {name}.pdf")
     p.add_argument("--tables", help="folder for {name}.md, .tex and .csv")
     p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: the theme's 200)")
+    p.add_argument("--curves", help="curves.csv of the sweep (sparsescale aggregate): the spike statistic over training")
     a = p.parse_args(argv)
     # matplotlib deferred on purpose: only this subcommand draws (detect/ablate jobs need not load it)
     from sparsescale.plots import save_figure
@@ -258,6 +259,7 @@ def cli_report(argv: list[str]) -> int:
         raise UserError("nothing to do: pass --figures DIR and/or --tables DIR")
     inputs = report.load_report_inputs(a.dirs)
     inputs["summary"] = read_summary(a.summary)
+    inputs["curves"] = read_curves(a.curves) if a.curves else None
     paths = []
     for name, draw in report.SUPERWEIGHT_FIGURES.items() if a.figures else ():
         paths += save_figure(draw(inputs), a.figures, name, a.dpi)

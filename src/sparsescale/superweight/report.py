@@ -13,10 +13,15 @@ Features
   last-word accuracy, stopword probabilities with their ratio to the original, the top next token of
   "Summer is hot. Winter is"), `superweight_quantize` (models x bits x method by block size) and
   `superweight_w8a8` (naive vs super-activation aware activation quantization: the paper's Table 3 layout).
+- Emergence in our own models, from curves.csv (the spike statistic the training loop logs at each
+  evaluation: `spike_in_ratio`, `spike_out_ratio`, `spike_layer`): `sw_emergence` (ratios against tokens
+  seen, one line per run, and against N at each run's last evaluation, by S and precision, the detection
+  threshold dotted) and `superweight_emergence` (one row per run). Without those columns: a "no data" panel
+  and an empty table that says why.
 - `load_report_inputs(dirs)`: {kind: {model: JSON}}; a missing file is named on stdout and that model left out
   of the figure or table that needs it (never silently).
-- `sparsescale superweight report --summary summary.csv --dirs A B ... [--figures DIR] [--tables DIR]` (in
-  `superweight.cli`).
+- `sparsescale superweight report --summary summary.csv --dirs A B ... [--curves curves.csv] [--figures DIR]
+  [--tables DIR]` (in `superweight.cli`).
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from matplotlib.ticker import EngFormatter
+
 from sparsescale.plots import (
-    CB, _figure, _legend, _no_data, _percent_axis, sequential_colors, spike_panel, theme,
+    CB, N_LABEL, PRECISION_STYLE, _figure, _legend, _no_data, _percent_axis, s_colors, s_label, sequential_colors,
+    spike_panel, theme,
 )
+from sparsescale.superweight.detect import DEFAULT_THRESHOLD
 from sparsescale.superweight.probes import SUMMER_PROMPT
 from sparsescale.superweight.summary import MAKER, read_result
-from sparsescale.tables import MISSING, PRECISION_LABEL, Table, finite, fmt_n, fmt_num, fmt_pct
+from sparsescale.tables import MISSING, PRECISION_LABEL, PRECISIONS, Table, finite, fmt_n, fmt_num, fmt_pct
 
 KINDS = ("detect", "ablation", "scale", "quantize")
 
@@ -226,12 +235,105 @@ def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
     return fig
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Emergence in our own models: the spike statistic logged at every evaluation (curves.csv)
+
+SPIKE_COLUMNS = {"spike_in_ratio": "max |down_proj input| ratio", "spike_out_ratio": "max |down_proj output| ratio"}
+NO_SPIKES = "no spike statistics in curves.csv\n(spike_in_ratio / spike_out_ratio,\nlogged at each evaluation)"
+
+
+def spike_curves(curves: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of curves.csv that carry a spike statistic; None when the columns are absent or all empty."""
+    need = {"run_id", "tokens", "sparsity", "precision", *SPIKE_COLUMNS}
+    if curves is None or not need <= set(curves.columns):
+        return None
+    c = curves.dropna(subset=list(SPIKE_COLUMNS), how="all")
+    return None if c.empty else c
+
+
+def spike_last_rows(c: pd.DataFrame) -> pd.DataFrame:
+    """Per run, its last row with a spike statistic (the most tokens)."""
+    return c.sort_values(["run_id", "tokens"], kind="mergesort").groupby("run_id", sort=True).tail(1)
+
+
+def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT_THRESHOLD) -> Figure:
+    """Do super activations emerge in our models? The detector's spike ratios (input, output) against tokens seen
+    (one line per run) and against N (each run's last evaluation, mean over seeds), by S and precision."""
+    with theme():
+        fig, axes = _figure(2, 2, (7.6, 5.2))
+        c = spike_curves(curves)
+        if c is None:
+            for ax in axes.flat:
+                _no_data(ax, NO_SPIKES)
+            return fig
+        colors = s_colors(c.sparsity)
+        last = spike_last_rows(c)
+        for row, (col, label) in enumerate(SPIKE_COLUMNS.items()):
+            ax = axes[row, 0]
+            for (_, prec, s), g in c.dropna(subset=[col]).groupby(["run_id", "precision", "sparsity"], sort=True):
+                g = g.sort_values("tokens")
+                ax.plot(g.tokens, g[col], color=colors[s], ls=PRECISION_STYLE.get(prec, ":"), lw=1.0, marker="o", ms=2)
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel(label)
+            ax = axes[row, 1]
+            pts = last.dropna(subset=[col, "n_params"]) if "n_params" in last else last.iloc[:0]
+            if pts.empty:
+                _no_data(ax, "no N (n_params)\nin curves.csv")
+            for (prec, s), g in pts.groupby(["precision", "sparsity"], sort=True):
+                m = g.groupby("n_params", sort=True)[col].mean()
+                ax.plot(m.index, m.values, color=colors[s], ls=PRECISION_STYLE.get(prec, ":"), lw=1.0, marker="s", ms=3)
+            if not pts.empty:
+                ax.set_xscale("log")
+                ax.set_xlabel(N_LABEL + " (last evaluation)")
+            for a in axes[row]:
+                if a.has_data():
+                    a.axhline(threshold, color="0.4", ls=":", lw=0.9)
+                    a.set_yscale("log")
+        handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s)) for s in colors]
+        handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, label=PRECISION_LABEL[p])
+                    for p in PRECISIONS if (c.precision == p).any()]
+        handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label=f"detection threshold ({threshold:g})"))
+        _legend(fig, handles, title="ratio to the median layer")
+    return fig
+
+
+def superweight_emergence_table(curves: pd.DataFrame | None, threshold: float = DEFAULT_THRESHOLD) -> Table:
+    """Per run, the spike statistic at its last evaluation: does a layer stand out as a super weight's would?"""
+    header = ["Size", "N", "Precision", "S", "Seed", "Tokens", "Input ratio", "Output ratio", "Layer", "Both >= threshold"]
+    cols = ["run_id", "size", "n_params", "precision", "sparsity", "seed", "tokens", "spike_in_ratio",
+            "spike_out_ratio", "spike_layer"]
+    c = spike_curves(curves)
+    notes = [f"The detector's statistic at each run's last evaluation (one prompt): the largest max |down_proj input| and "
+             f"max |output| of a layer divided by the median of the other layers, and the layer closest to firing; a "
+             f"super weight makes both reach the threshold ({threshold:g}) in one layer (the two maxima may sit in "
+             "different layers: the detection then decides). N: non-embedding parameters; S: target sparsity."]
+    if c is None:
+        return Table("superweight_emergence", header, [], pd.DataFrame(columns=cols),
+                     [NO_SPIKES.replace("\n", " ")] + notes)
+    last = spike_last_rows(c)
+    last = last.assign(**{k: last[k] if k in last else float("nan") for k in cols})
+    order = {p: i for i, p in enumerate(PRECISIONS)}
+    last = last.assign(_p=last.precision.map(order)).sort_values(["_p", "n_params", "sparsity", "seed"], kind="mergesort")
+    rows = []
+    for r in last.itertuples(index=False):
+        both = finite(r.spike_in_ratio) and finite(r.spike_out_ratio) and min(r.spike_in_ratio, r.spike_out_ratio) >= threshold
+        rows.append([str(r.size) if isinstance(r.size, str) else MISSING, fmt_n(r.n_params) if finite(r.n_params) else MISSING,
+                     PRECISION_LABEL.get(r.precision, str(r.precision)), fmt_pct(r.sparsity, 0),
+                     str(int(r.seed)) if finite(r.seed) else MISSING, fmt_n(r.tokens),
+                     f"{r.spike_in_ratio:.3g}" if finite(r.spike_in_ratio) else MISSING,
+                     f"{r.spike_out_ratio:.3g}" if finite(r.spike_out_ratio) else MISSING,
+                     str(int(r.spike_layer)) if finite(r.spike_layer) else MISSING, "yes" if both else "no"])
+    return Table("superweight_emergence", header, rows, last[cols].reset_index(drop=True), notes)
+
+
 # name -> function({kind: {model: JSON}}) -> Figure; drawn by `sparsescale superweight report --figures DIR`.
 SUPERWEIGHT_FIGURES: dict[str, Callable[[dict], Figure]] = {
     "sw_spike_profile": lambda r: plot_spike_profiles(r["detect"]),
     "sw_ablation": lambda r: plot_sw_ablation(r["ablation"]),
     "sw_scale": lambda r: plot_sw_scale(r["scale"]),
     "sw_quantize": lambda r: plot_sw_quantize(r["quantize"]),
+    "sw_emergence": lambda r: plot_spike_emergence(r.get("curves")),
 }
 
 
@@ -376,4 +478,5 @@ SUPERWEIGHT_TABLES: dict[str, Callable[[dict], Table]] = {
     "superweight_ablation": lambda r: superweight_ablation_table(r["ablation"]),
     "superweight_quantize": lambda r: superweight_quantize_table(r["quantize"]),
     "superweight_w8a8": lambda r: superweight_w8a8_table(r["quantize"]),
+    "superweight_emergence": lambda r: superweight_emergence_table(r.get("curves")),
 }
