@@ -111,8 +111,11 @@ def bench_tokenize(argv: list[str]) -> int:
                     f.unlink()
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
+        marginal = (b["tokens"] - a["tokens"]) / (b["encode"]["cpu_s"] - a["encode"]["cpu_s"])
         print(f"corpus x{b['tokens'] / a['tokens']:.1f}: encode peak RSS x{b['encode']['peak_rss_mb'] / a['encode']['peak_rss_mb']:.2f}, "
-              f"shard peak RSS x{b['shard_peak_rss_mb'] / a['shard_peak_rss_mb']:.2f}")
+              f"shard peak RSS x{b['shard_peak_rss_mb'] / a['shard_peak_rss_mb']:.2f}; encode {marginal / 1e6:.3f}M tokens/s "
+              "per core (the larger corpus minus the smaller: process start-up cancels)")
+        rows[-1]["encode_marginal_tokens_per_cpu_s"] = marginal
     if args.out:
         write_json(args.out, {"rows": rows, "tokenizer": {"vocab_size": info["vocab_size"], "train_s": tok_s,
                                                           "sample": info["tokenizer"]["sample"]},
