@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -221,7 +220,6 @@ def evaluate(model_dir: str, data_dir: str, n_prompts: int = 200, n_docs: int = 
     if not (Path(data_dir) / "meta.json").is_file():
         raise UserError(f"{data_dir} is not a prepared dataset (no meta.json): pass the folder `sparsescale "
                         "prepare` wrote (results/data/NAME)")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSON files only: never ask a hub
     lm = SparseScaleLM(model_dir, batch_size=batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="sparsescale-lmeval-") as tmp:
         counts = write_tasks(data_dir, Path(tmp), n_prompts, n_docs)
