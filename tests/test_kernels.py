@@ -1,5 +1,4 @@
-"""Sparse GEMV kernels and the sparse decode path (CPU; Triton tests run only where CUDA is present)."""
-
+"""Sparse GEMV kernels and the sparse decode path (CPU; the Triton interpreter tests: test_kernels_triton.py)."""
 
 import pytest
 import torch
@@ -322,3 +321,27 @@ def test_auto_picks_a_gpu_backend():
     assert K.SparseWeight(w.cuda()).backend == ("triton" if K.HAVE_TRITON else "torch")
 
 # The Triton kernel through Triton's CPU interpreter (every machine): tests/test_kernels_triton.py
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark bookkeeping (no timing)
+
+def test_gemv_row_fair_baseline_and_bug_flag():
+    from sparsescale.bench.gemv import gemv_row
+
+    r = gemv_row(64, 32, "fp32", 0.5, dense_ms=4.0, kernel_s0_ms=2.0, sparse_ms=1.25)
+    assert r["baseline"] == "kernel_s0" and r["baseline_ms"] == 2.0
+    assert r["speedup"] == 1.6 and r["speedup_vs_dense"] == 3.2 and r["fraction_of_ideal"] == 0.8
+    assert r["above_ideal"] is False
+    r = gemv_row(64, 32, "fp32", 0.5, dense_ms=4.0, kernel_s0_ms=5.0, sparse_ms=1.6)
+    assert r["baseline"] == "dense" and r["speedup"] == 2.5
+    assert r["above_ideal"] is True and r["fraction_of_ideal"] != r["fraction_of_ideal"]  # NaN: not reported
+
+
+def test_hugepage_linears_keeps_values_and_layout():
+    m = M.build("d2", VOCAB, seed=0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    moved = K.hugepage_linears(m)
+    n_linear = sum(p.numel() for n, p in m.named_parameters() if p.ndim == 2 and ".layers." in n)
+    assert moved == 4 * n_linear
+    assert all(torch.equal(p, before[n]) and p.is_contiguous() for n, p in m.named_parameters())
