@@ -1,6 +1,8 @@
 # Benchmarks (not part of `all`): `snakemake --cores all bench_inference`. Batch-1 sparse GEMV and decode
 # on this machine; the GEMV rows are the results table (inference.csv), drawn as speedup vs S against the
-# ideal 1/(1-S). Machine and versions go next to each CSV (gemv.json, decode.json, inference.json).
+# ideal 1/(1-S). Both dense baselines (framework matmul and the own kernel at S=0, weights in huge pages on
+# both sides) are in gemv.csv/inference.csv and decode.csv; speedups are against the faster one. Machine and
+# versions go next to each CSV (gemv.json, decode.json, inference.json). The GPU check is `make gpu-check`.
 
 
 rule bench_inference:
