@@ -20,6 +20,7 @@ check_config(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/lmeval.smk"
 include: "workflow/rules/evaluate.smk"

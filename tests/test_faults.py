@@ -383,9 +383,11 @@ def test_bad_config_is_refused_by_the_schema(case):
     ({"sweep": {"sparsity": [0.0, 1.2]}}, "ValidationError: 1.2 is greater than or equal to the maximum of 1"),
     # schema-valid, but a per-size mapping without the size or a default: caught while building the DAG
     # (config/default.yaml's mapping d1..d4 is merged in, so d5 is the size without an entry)
-    ({"sweep": {"sizes": ["d1", "d5"]}, "train": {"tokens": {"d1": 512}}},
-     "config: train.tokens has no entry for size 'd5' and no 'default'; add one"),
-], ids=["schema", "per-size mapping"])
+    ({"sweep": {"sizes": ["d1", "d5"]}, "train": {"batch_size": {"d1": 8}}},
+     "config: train.batch_size has no entry for size 'd5' and no 'default'; add one"),
+    # one token budget D for every size: the law has no data term
+    ({"train": {"tokens": {"d1": 512}}}, "{'d1': 512} is not of type 'integer'"),
+], ids=["schema", "per-size mapping", "per-size budget"])
 def test_bad_config_stops_the_workflow_before_any_output(tmp_path, change, error):
     wd = make_workdir(tmp_path)
     cfg = copy.deepcopy(TINY)

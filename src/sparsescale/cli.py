@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sparsescale.train", "cli_train", "train one model (scratch, continue or finetune) and write its results"),
     "eval": ("sparsescale.evaluate", "cli_eval", "recompute validation loss / measured sparsity of a checkpoint"),
     "aggregate": ("sparsescale.aggregate", "cli_aggregate", "collect final.json files into results/tables/runs.csv"),
+    "tune": ("sparsescale.tune", "cli_tune", "learning rates from a grid of tune runs (select; lr of one size)"),
     "fit": ("sparsescale.fit", "cli_fit", "fit L(N,S) per precision with bootstrap intervals"),
     "optimal-sparsity": ("sparsescale.fit", "cli_optimal_sparsity", "S* and N/N_a for given law constants"),
     "figures": ("sparsescale.plots", "cli_figures", "draw the figures from runs.csv and the fit JSONs"),

@@ -17,6 +17,7 @@ wildcard_constraints:
     prec="fp|1\\.58",
     seed="[0-9]+",
     run="[^/]+",
+    lr="[0-9.e+-]+",
 
 
 def run_path(mode, name=""):
@@ -97,15 +98,48 @@ def run_lr(size, prec, mode="scratch"):
     return per_size(lr, size, "train.lr")
 
 
+def tuned():
+    """Learning rates come from the tune stage (results/tune/lr.json) instead of the train.lr table."""
+    return bool(config.get("tune", {}).get("enabled"))
+
+
+TUNE_LR = f"{R}/tune/lr.json"
+
+
+def tune_runs():
+    """Run directories of the tune stage: every size x precision at factor x train.lr, at the tuned sparsities
+    (default: 0 and the largest S of the sweep), on the sweep's budget unless tune.tokens says otherwise."""
+    if not tuned():
+        return []
+    t, sw = config["tune"], config["sweep"]
+    sparsities = t.get("sparsity") or sorted({0.0, max(sw["sparsity"])})
+    return [
+        f"{R}/tune/runs/{run_id(n, s, p, t.get('seed', 0))}-lr{f * run_lr(n, p):.3g}"
+        for n in sw["sizes"]
+        for p in sw["precision"]
+        for s in sparsities
+        for f in t["factors"]
+    ]
+
+
+def tune_args(wc):
+    """Flags of a tune run: the sweep's own run at the grid's rate (and tune.tokens, if set)."""
+    override = {"lr": wc.lr}
+    if config["tune"].get("tokens") is not None:
+        override["tokens"] = int(config["tune"]["tokens"])
+    return train_args(wc.size, wc.s, wc.prec, wc.seed, **override)
+
+
 def run_tokens(size, mode="scratch"):
-    """Token budget of one run: a stage's own `tokens`, else train.tokens (None = tokens_per_param x N)."""
+    """Token budget of one run: a stage's own `tokens`, else train.tokens (one D for every size)."""
     stage = config.get(mode, {}) if mode != "scratch" else {}
     if stage.get("tokens") is not None:
         return stage["tokens"]
-    return per_size(config["train"]["tokens"], size, "train.tokens")
+    return config["train"]["tokens"]
 
 
-def train_args(size, s, prec, seed, mode="scratch"):
+def train_args(size, s, prec, seed, mode="scratch", **override):
+    """The `sparsescale train` flags of one run; `override` replaces flags by name (the tune stage's lr)."""
     t = config["train"]
     tokens = run_tokens(size, mode)
     args = {
@@ -113,7 +147,11 @@ def train_args(size, s, prec, seed, mode="scratch"):
         "sparsity": s,
         "precision": prec,
         "seed": seed,
-        "lr": run_lr(size, prec, mode),
+        "lr": (
+            f"$(sparsescale tune lr {TUNE_LR} --size {size} --precision {prec})"
+            if tuned() and mode == "scratch"
+            else run_lr(size, prec, mode)
+        ),
         "seq-len": t["seq_len"],
         "batch-size": per_size(t["batch_size"], size, "train.batch_size"),
         "eval-tokens": t["eval_tokens"],
@@ -128,12 +166,10 @@ def train_args(size, s, prec, seed, mode="scratch"):
         "distributed": t.get("distributed"),
         "compile": t.get("compile"),
     }
-    if tokens is None:
-        args["tokens-per-param"] = t["tokens_per_param"]
-    else:
-        args["tokens"] = int(tokens)
+    args["tokens"] = int(tokens)
     if mode != "scratch":
         args["mode"] = mode
+    args.update(override)
     return " ".join(f"--{k} {v}" for k, v in args.items() if v is not None)
 
 
@@ -155,7 +191,7 @@ def train_input(mode):
         (config.get("finetune", {}).get("data") or DATA) if mode == "finetune" else DATA
     )
     if mode == "scratch":
-        return {"data": data}
+        return {"data": data, "lr": TUNE_LR} if tuned() else {"data": data}
     base = f"{R}/runs/{run_id('{size}', 0, '{prec}', '{seed}')}/final.json"
     return {"data": data, "base": base}
 
@@ -200,6 +236,8 @@ def table_names():
 
 def all_targets():
     targets = [f"{R}/tables/runs.csv", f"{R}/fit/optimal_sparsity.json"]
+    if tuned():
+        targets += [TUNE_LR]
     # every run's final.json and eval.json by name: Snakemake >= 9 reruns a job whose output was deleted only
     # if a target asks for that file (downstream files that are present and newer do not)
     targets += [f"{R}/runs/{rid}/final.json" for rid in all_runs() if not failed(rid)]

@@ -21,7 +21,8 @@ rule fit:
         form=config["fit"]["form"],
         bootstrap=config["fit"]["bootstrap"],
         seed=config["fit"]["seed"],
+        multistart=config["fit"].get("multistart", 16),
         out=lambda wc, output: os.path.dirname(output.optimal),
     shell:
         "sparsescale fit {input.runs} --out {params.out} --form {params.form} --bootstrap {params.bootstrap} "
-        "--seed {params.seed} --jobs {threads} > {log} 2>&1"
+        "--seed {params.seed} --multistart {params.multistart} --jobs {threads} > {log} 2>&1"

@@ -1,0 +1,99 @@
+"""The tune stage (sparsescale.tune and workflow/rules/tune.smk): one rate per size x precision from a grid of
+runs, the train rule reading it, and a dry run of a tune-enabled config."""
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparsescale.cli import main
+from sparsescale.errors import UserError
+from sparsescale.io import write_json
+from sparsescale.tune import read_tune_runs, select
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def fake_run(root: Path, size, prec, s, lr, loss):
+    d = root / f"{size}-s{s:.2f}-b{prec}-seed0-lr{lr:.3g}"
+    if math.isfinite(loss):
+        write_json(d / "final.json", {"size": size, "precision": prec, "sparsity": s, "lr": lr, "val_loss": loss})
+    else:  # diverged: failed.json and the config written at the start of the run
+        write_json(d / "config.json", {"size": size, "precision": prec, "sparsity": s, "lr": lr})
+        write_json(d / "failed.json", {"size": size, "precision": prec, "sparsity": s, "status": "diverged"})
+    return d
+
+
+def grid(tmp_path):
+    """d1 fp: 2e-3 best at S=0, 4e-3 best at S=0.9, 4e-3 best on average; 8e-3 diverged at S=0.9.
+    d1 1.58: the best rate is the largest of the grid (an edge)."""
+    losses = {
+        ("d1", "fp"): {2e-3: (3.50, 3.80), 4e-3: (3.52, 3.70), 8e-3: (3.60, math.inf)},
+        ("d1", "1.58"): {3e-3: (3.70, 3.95), 6e-3: (3.65, 3.90), 1.2e-2: (3.60, 3.85)},
+    }
+    dirs = []
+    for (size, prec), per_lr in losses.items():
+        for lr, (l0, l9) in per_lr.items():
+            dirs += [fake_run(tmp_path, size, prec, 0.0, lr, l0), fake_run(tmp_path, size, prec, 0.9, lr, l9)]
+    return dirs
+
+
+def test_select_averages_over_sparsities_and_warns_at_edges_and_disagreements(tmp_path):
+    runs = read_tune_runs([str(d) for d in grid(tmp_path)])
+    assert len(runs) == 12 and runs["val_loss"].isin([math.inf]).sum() == 1
+    out = select(runs)
+    assert out["chosen"] == {"d1": {"fp": 4e-3, "1.58": 1.2e-2}}
+    assert any("d1 1.58: the best rate 0.012 is at the edge" in w for w in out["warnings"])
+    assert any("d1 fp: the best rate differs between sparsities ({0.0: 0.002, 0.9: 0.004})" in w for w in out["warnings"])
+    fp = [r for r in out["table"] if r["precision"] == "fp"]
+    assert [r["lr"] for r in fp] == [2e-3, 4e-3, 8e-3] and [r["chosen"] for r in fp] == [False, True, False]
+    assert fp[1]["mean_loss"] == pytest.approx(3.61) and fp[2]["mean_loss"] == math.inf
+
+
+def test_cli_select_and_lr(tmp_path, capsys):
+    dirs = [str(d) for d in grid(tmp_path / "runs")]
+    out = tmp_path / "tune"
+    assert main(["tune", "select", *dirs, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["lr.csv", "lr.json", "lr.md"]
+    assert json.loads((out / "lr.json").read_text())["chosen"]["d1"]["fp"] == 4e-3
+    md = (out / "lr.md").read_text()
+    assert "| d1 | fp | **0.004** | 3.5200 | 3.7000 | **3.6100** |" in md and "diverged" in md
+    capsys.readouterr()
+    assert main(["tune", "lr", str(out / "lr.json"), "--size", "d1", "--precision", "1.58"]) == 0
+    assert capsys.readouterr().out == "0.012\n"
+    assert main(["tune", "lr", str(out / "lr.json"), "--size", "d9", "--precision", "fp"]) == 2
+    assert "has no rate for size 'd9'" in capsys.readouterr().err
+    assert main(["tune", "lr", str(tmp_path / "nope.json"), "--size", "d1", "--precision", "fp"]) == 2
+
+
+def test_bad_tune_input(tmp_path):
+    with pytest.raises(UserError, match="neither final.json nor failed.json"):
+        read_tune_runs([str(tmp_path / "empty")])
+    d = [fake_run(tmp_path, "d1", "fp", 0.0, lr, math.inf) for lr in (1e-2, 2e-2)]
+    with pytest.raises(UserError, match="every tune rate diverged for d1 fp"):
+        select(read_tune_runs([str(x) for x in d]))
+
+
+def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate(tmp_path):
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({"tune": {"enabled": True, "factors": [0.5, 1.0, 2.0]}}))
+    p = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", "--configfile",
+                        "config/smoke.yaml", str(tmp_path / "tune.yaml")], cwd=ROOT, capture_output=True, text=True,
+                       env={"PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tune_cmds = [line for line in p.stdout.splitlines() if line.startswith("Shell command: ( sparsescale train")]
+    # smoke: 3 sizes x 2 precisions x (S = 0, 0.8) x 3 rates, at factor x the smoke's lr 3e-3
+    assert len(tune_cmds) == 3 * 2 * 2 * 3
+    lrs = sorted({shlex.split(c)[shlex.split(c).index("--lr") + 1] for c in tune_cmds})
+    assert lrs == ["0.0015", "0.003", "0.006"]
+    assert any("--out results/smoke/tune/runs/d1-s0.80-b1.58-seed0-lr0.006 " in c for c in tune_cmds)
+    train = [line for line in p.stdout.splitlines() if line.startswith("Shell command: sparsescale train")]
+    scratch = [c for c in train if "--mode" not in c]
+    assert len(scratch) == 3 * 3 * 2
+    assert all("--lr $(sparsescale tune lr results/smoke/tune/lr.json --size " in c for c in scratch)
+    assert "sparsescale tune select" in p.stdout
