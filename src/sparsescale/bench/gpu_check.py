@@ -2,8 +2,9 @@
 
 Features
 - Training throughput and model FLOPs utilisation of a ~300M model (size "300M"), dense vs Q-Sparse S=0.5 in
-  both precisions (fp; 1.58-bit weights + 8-bit activations), bf16 autocast, AdamW; MFU = 6 N tokens/s over
-  the card's dense bf16 peak (`PEAK_BF16_TFLOPS` by device name, or `--peak-tflops`).
+  both precisions (fp; 1.58-bit weights + 8-bit activations), bf16 autocast, AdamW, seq 1024 x batch 8;
+  MFU = 6 N tokens/s over the card's dense bf16 peak (`PEAK_BF16_TFLOPS` by device name, or `--peak-tflops`),
+  N the non-embedding parameters (the LM head's and attention's FLOPs are not counted: a lower bound).
 - The fused Triton GEMV (`kernels.gpu`, selection + GEMV in one launch) against cuBLAS at 4096x11008 and
   11008x4096, S = 0.4 ... 0.8, bf16 and fp32 (`bench gemv --device cuda --backend triton`).
 - Batch-1 decode tokens/s, dense vs sparse (`bench decode --device cuda`, bf16, S = 0.5).
