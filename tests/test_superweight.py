@@ -10,7 +10,7 @@ import torch
 import planted
 from sparsescale import qsparse
 from sparsescale import superweight as sw
-from sparsescale.superweight import detect as swd, probes
+from sparsescale.superweight import ablate as swa, detect as swd, probes
 from sparsescale.superweight.summary import spike_ratios
 from sparsescale.errors import UserError
 from sparsescale.model import save
@@ -259,6 +259,66 @@ def test_scale_factor_one_is_the_original_and_the_curve_has_its_minimum_there(mo
             curve[f] = loss(model, ids)
     assert curve[0.0] > curve[1.0] + 0.05 and curve[3.0] > curve[1.0] + 0.05
     assert same_state(model, ref)
+
+
+def test_ternary_model_scales_the_effective_weight_not_the_latent_one(tok):
+    """In a 1.58-bit model the latent weight x 0.25..3 rounds to the same ternary value: a flat curve by
+    construction (and the planted 0.4 outlier is just alpha x 1 there: a ternary matrix holds no outlier).
+    `scaled` scales the effective weight's contribution instead: Y_f[..., J] = Y_1[..., J] + (f - 1) X[..., K] W_eff."""
+    m = qsparse.convert(planted.planted_model(tok), sparsity=0.0, weight_bits="1.58")
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    down = m.model.layers[planted.PLANT_LAYER].mlp.down_proj
+    x = planted.self_generated(m, tok, n_seq=4, prompt_len=1, length=12)
+    ref_state = state(m)
+    w_eff = float(sw.effective_weight(down)[planted.ROW_J, planted.COL_K])
+    assert 0 < w_eff < 0.05  # alpha (the absmean scale), not 0.4
+
+    def down_io(f=None, latent_x3=False):
+        seen = []
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if f is not None:
+                stack.enter_context(sw.scaled(m, sws, f))
+            if latent_x3:
+                stack.enter_context(sw.edited([(down, planted.ROW_J, planted.COL_K)]))
+                down.weight[planted.ROW_J, planted.COL_K] *= 3
+            h = down.register_forward_hook(lambda mod, a, out: seen.append((a[0].clone(), out.clone())))
+            m(input_ids=x)  # registered last, the hook sees the final output
+            h.remove()
+        return seen[0]
+
+    x_in, y1 = down_io()
+    x_k = sw.effective_input(down, x_in)[..., planted.COL_K]
+    _, y_latent = down_io(latent_x3=True)
+    assert torch.allclose(y_latent[..., planted.ROW_J], y1[..., planted.ROW_J], rtol=0.01, atol=1e-4)  # flat
+    for f in (0.0, 0.5, 3.0):
+        _, yf = down_io(f)
+        assert torch.allclose(yf[..., planted.ROW_J], y1[..., planted.ROW_J] + (f - 1) * x_k * w_eff, atol=1e-5)
+        other = torch.ones(yf.shape[-1], dtype=torch.bool)
+        other[planted.ROW_J] = False
+        assert torch.equal(yf[..., other], y1[..., other])  # only channel J moves
+    assert torch.equal(down_io(1.0)[1], y1)
+    assert same_state(m, ref_state) and not down._forward_hooks
+    assert sw.scale_target(m, sws).startswith("effective ternary weight")
+    assert sw.scale_target(planted.planted_model(tok), sws) == "weight"
+
+
+def test_effective_scaling_equals_weight_scaling_in_full_precision(model, tok, monkeypatch):
+    """The hook's arithmetic, checked where both ways exist: Y[..., J] + (f - 1) X[..., K] W[J, K] equals the
+    output with W[J, K] scaled by f."""
+    x = planted.self_generated(model, tok, n_seq=2, prompt_len=1, length=8)
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+    with torch.no_grad():
+        with sw.scaled(model, sws, 2.5):
+            by_weight = model(input_ids=x).logits
+        monkeypatch.setattr(swa, "is_ternary", lambda mod: True)  # take the hook path on a full-precision model
+        with sw.scaled(model, sws, 2.5):
+            assert model.model.layers[planted.PLANT_LAYER].mlp.down_proj._forward_hooks
+            by_hook = model(input_ids=x).logits
+        with sw.restored_activation(model, sws):  # zeroing by the hook, then restoring: the original BOS output
+            restored = model(input_ids=x).logits
+        original = model(input_ids=x).logits
+    assert torch.allclose(by_hook, by_weight, atol=1e-4) and not torch.allclose(by_weight, original, atol=1e-2)
+    assert torch.allclose(restored[:, 0], original[:, 0], atol=1e-4)  # BOS: its super activation written back
 
 
 def test_largest_other_weights_skip_the_super_weight(model):

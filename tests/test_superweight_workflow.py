@@ -219,6 +219,8 @@ def test_ablation_and_scale_figures_plot_the_measured_values(sweep):
     assert [float(v) for v in curves[0].get_xdata()] == [0.0, 1.0, 2.0]
     np.testing.assert_allclose(curves[0].get_ydata(), np.exp([5.0, 3.0, 3.2]))
     assert "d3-s0.50-b1.58-seed0: none found" in [t.get_text() for t in fig.legends[0].get_texts()]  # ...but a label
+    ternary = SR.plot_sw_scale({"b158": {**scale_json(True), "scaled": "effective ternary weight (X[t, k] W_eff[j, k])"}})
+    assert [t.get_text() for t in ternary.legends[0].get_texts()][0] == "b158\n(effective ternary\nweight scaled)"
     empty = SR.plot_sw_scale({"a": scale_json(False)})
     assert "nothing to scale" in empty.axes[0].texts[0].get_text()
 
@@ -226,7 +228,7 @@ def test_ablation_and_scale_figures_plot_the_measured_values(sweep):
 def test_quantize_figure_draws_each_bits_and_method(sweep):
     fig = SR.plot_sw_quantize(report_inputs(sweep, None)["quantize"])
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "256"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8²", "16²"]
     lines = {(ln.get_linestyle(), ln.get_marker()): ln for ln in ax.get_lines() if ln.get_marker() in ("o", "s")}
     assert len([ln for ln in ax.get_lines() if ln.get_marker() in ("o", "s")]) == 4  # 2 bits x 2 methods
     rtn = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
@@ -279,7 +281,7 @@ def test_ablation_table_reads_back(sweep):
 def test_quantize_and_w8a8_tables_read_back(sweep):
     inputs = report_inputs(sweep, None)
     t = SR.superweight_quantize_table(inputs["quantize"])
-    assert t.header == ["Model", "Bits", "Method", "Unquantized", "block 64", "block 256"]
+    assert t.header == ["Model", "Bits", "Method", "Unquantized", "block 8²", "block 16²"]
     rows = md_rows(to_markdown(t))
     assert len(rows) == 3 * 4
     by = {(r[0], r[1], r[2]): r[3:] for r in rows}
@@ -291,6 +293,24 @@ def test_quantize_and_w8a8_tables_read_back(sweep):
                             "W8A8 per-token super-act. aware"]
     assert md_rows(to_markdown(w))[1][1:] == ["40.00", "50.00", "42.00", "40.40", "40.20"]
     assert SR.fmt_ppl(3.469e7) == "3.469e+07" and SR.fmt_ppl(float("nan")) == "—"
+    assert [SR.block_text(b) for b in (64, 100, 16384, 262144, 1048576, "channel")] == [
+        "8²", "100", "128²", "512²", "1024²", "channel"]
+
+
+def test_quantize_report_shows_the_papers_large_blocks():
+    q = quantize_json()
+    for p in q["points"]:
+        p["quant"] = {"n_tensors": 21, "n_whole_tensor": 0}
+    big = [{**p, "block": b, "quant": {"n_tensors": 21, "n_whole_tensor": w}}
+           for p in q["points"] if p["block"] == 256 for b, w in ((262144, 14), (1048576, 21))]
+    q["points"] += big
+    t = SR.superweight_quantize_table({"m": q})
+    assert t.header[4:] == ["block 8²", "block 16²", "block 512²", "block 1024²"]
+    assert "m, block 512²: 14 of 21 weight matrices are no larger than one block (quantized per tensor)." in t.notes
+    assert "m, block 1024²: 21 of 21 weight matrices" in t.notes[-1] and len(t.notes) == 4
+    assert t.data.n_whole_tensor.max() == 21
+    fig = SR.plot_sw_quantize({"m": q})
+    assert [x.get_text() for x in fig.axes[0].get_xticklabels()] == ["8²", "16²", "512²", "1024²"]
 
 
 # ---------------------------------------------------------------------------------------------------------

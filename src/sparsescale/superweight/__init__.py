@@ -12,7 +12,8 @@ Modules (imports run one way: cli -> summary, quantize, ablate -> detect -> prob
 """
 
 from sparsescale.superweight.ablate import (
-    largest_other_weights, pruned_others, restored_activation, scaled, single_weight_effects, zeroed,
+    is_ternary, largest_other_weights, pruned_others, restored_activation, scale_target, scaled, single_weight_effects,
+    zeroed,
 )
 from sparsescale.superweight.cli import cli_superweight
 from sparsescale.superweight.detect import (
@@ -26,7 +27,7 @@ from sparsescale.superweight.summary import read_summary, summarize, summary_row
 __all__ = [
     "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT",
     "PERSIST", "RULES", "cli_superweight", "compare_known", "Detection", "edited", "effective_input",
-    "effective_weight", "fake_quant_activations", "find_super_weights", "known_entry", "known_table",
+    "effective_weight", "fake_quant_activations", "is_ternary", "scale_target", "find_super_weights", "known_entry", "known_table",
     "largest_other_weights", "layer_ratios", "load_detection", "pruned_others", "quantize_tensor", "quantized",
     "read_summary", "restored_activation", "scaled", "siblings", "single_weight_effects", "spike_profile",
     "spike_stats", "summarize", "summary_row", "super_positions", "SuperWeight", "sweep", "zeroed",

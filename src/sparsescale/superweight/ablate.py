@@ -2,7 +2,9 @@
 
 Features
 - `zeroed(model, sws)`: the super weights set to 0 (the paper's "prune SW"); `scaled(model, sws, factor)`:
-  multiplied by `factor` (0 = pruned, 1 = original; the paper's 0..3 scaling curve).
+  multiplied by `factor` (0 = pruned, 1 = original; the paper's 0..3 scaling curve). In a 1.58-bit model the
+  effective ternary weight is scaled (a hook on the output), since scaling the latent weight leaves its
+  ternary value unchanged; `scale_target` says which was scaled.
 - `restored_activation(model, sws)`: zeroed, but a hook writes back each super activation Y[b, t, j] exactly
   as the original weights would have produced it (the paper's "prune SW, restore SA"), per sequence at the
   position where |Y[b, :, j]| is largest (`super_positions`), as the paper's code does: evaluation windows cut
@@ -33,15 +35,54 @@ VERIFY_FACTOR = 10.0  # a super weight's loss increase over the largest other we
 VERIFY_MIN_INCREASE = 0.01  # nats/token
 
 
+def is_ternary(mod: nn.Module) -> bool:
+    """A 1.58-bit QSparseLinear: the matmul sees absmean-ternary weights, not the latent ones."""
+    return getattr(getattr(mod, "settings", None), "weight_bits", "fp") == "1.58"
+
+
 @contextlib.contextmanager
 def scaled(model: nn.Module, sws: list[SuperWeight], factor: float, module: str = DEFAULT_MODULE):
-    """Multiply each super weight by `factor` (0 = pruned, 1 = original)."""
+    """Multiply each super weight by `factor` (0 = pruned, 1 = original).
+
+    Full-precision weights are edited in place. A ternary (1.58-bit) weight cannot be scaled that way: its
+    latent value times 0.25..3 rounds to the same ternary value (a flat curve by construction). There the
+    effective weight is scaled instead: a hook adds (factor - 1) X_eff[..., k] W_eff[j, k] to Y[..., j], so the
+    matmul sees factor x the ternary weight (alpha t, alpha the matrix's absmean scale).
+    """
     mods = ffn_out_modules(model, module)
-    with edited([(mods[s.layer], s.row, s.col) for s in sws]):
-        with torch.no_grad():
-            for s in sws:
-                mods[s.layer].weight[s.row, s.col] *= factor
-        yield model
+    latent = [s for s in sws if not is_ternary(mods[s.layer])]
+    effective: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # layer -> (j, k, W_eff[j, k])
+    for s in sws:
+        if is_ternary(mods[s.layer]):
+            effective.setdefault(s.layer, []).append((s.row, s.col, effective_weight(mods[s.layer])[s.row, s.col].clone()))
+
+    def hook(m, args, out, entries):
+        x = effective_input(m, args[0])  # (..., F)
+        out = out.clone()
+        for j, k, w in entries:
+            out[..., j] += ((factor - 1.0) * x[..., k] * w.to(x.dtype)).to(out.dtype)
+        return out
+
+    handles = [mods[layer].register_forward_hook(lambda m, a, o, e=entries: hook(m, a, o, e))
+               for layer, entries in effective.items()]
+    try:
+        with edited([(mods[s.layer], s.row, s.col) for s in latent]):
+            with torch.no_grad():
+                for s in latent:
+                    mods[s.layer].weight[s.row, s.col] *= factor
+            yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def scale_target(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE) -> str:
+    """What `scaled` scales for these weights (recorded next to a scaling curve)."""
+    mods = ffn_out_modules(model, module)
+    kinds = {is_ternary(mods[s.layer]) for s in sws}
+    if kinds == {True}:
+        return "effective ternary weight (X[t, k] W_eff[j, k] scaled; the latent weight would round to the same value)"
+    return "weight" if kinds <= {False} else "weight (full precision) / effective ternary weight (1.58-bit)"
 
 
 def zeroed(model: nn.Module, sws: list[SuperWeight], module: str = DEFAULT_MODULE):
@@ -64,6 +105,14 @@ def restored_activation(model: nn.Module, sws: list[SuperWeight], module: str = 
     rows: dict[tuple[int, int], torch.Tensor] = {}  # (layer, j) -> original effective weight row (F,)
     for s in sws:
         rows.setdefault((s.layer, s.row), effective_weight(mods[s.layer])[s.row].clone())
+    # zeroed first: a ternary model zeroes by a hook, which must run before the restoring ones
+    with zeroed(model, sws, module), _restore_hooks(mods, rows, position):
+        yield model
+
+
+@contextlib.contextmanager
+def _restore_hooks(mods, rows, position):
+    """Hooks writing back each super activation (see `restored_activation`); removed when the caller exits."""
     handles = []
     for (layer, j), w_row in rows.items():
         mod = mods[layer]
@@ -87,8 +136,7 @@ def restored_activation(model: nn.Module, sws: list[SuperWeight], module: str = 
 
         handles.append(mod.register_forward_hook(hook))
     try:
-        with zeroed(model, sws, module):
-            yield model
+        yield
     finally:
         for h in handles:
             h.remove()

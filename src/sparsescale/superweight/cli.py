@@ -26,7 +26,9 @@ from sparsescale.io import atomic_write_text, versions, write_json
 from sparsescale.layout import ffn_out_modules
 from sparsescale.model import load
 from sparsescale.superweight import probes
-from sparsescale.superweight.ablate import pruned_others, restored_activation, scaled, single_weight_effects, zeroed
+from sparsescale.superweight.ablate import (
+    pruned_others, restored_activation, scale_target, scaled, single_weight_effects, zeroed,
+)
 from sparsescale.superweight.detect import (
     ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, OFFICIAL_PROMPT, PERSIST, RULES, Detection,
     compare_known, find_super_weights, known_entry, known_table, load_detection, siblings,
@@ -35,7 +37,8 @@ from sparsescale.superweight.quantize import (
     DEFAULT_BLOCKS, DEFAULT_Z_GRID, METHODS, check_bits, check_block, sweep, z_value,
 )
 from sparsescale.superweight.summary import read_summary, summarize, to_csv
-from sparsescale.tables import read_curves, write_table
+from sparsescale.results import read_curves
+from sparsescale.tables import write_table
 
 
 def add_common_args(p: argparse.ArgumentParser, data_required: bool = False, eval_args: bool = True) -> None:
@@ -186,7 +189,8 @@ def cli_ablate(argv: list[str]) -> int:
               "note": note, "versions": versions()}
     out = Path(a.out)
     write_json(out / "ablation.json", {**common, "conditions": conditions, "summary": summary})
-    write_json(out / "scale.json", {**common, "factors": a.scales if sws else [], "points": points})
+    write_json(out / "scale.json", {**common, "factors": a.scales if sws else [], "points": points,
+                                    "scaled": scale_target(model, sws, a.module) if sws else None})
     print(f"wrote {out / 'ablation.json'} and {out / 'scale.json'}")
     return 0
 
