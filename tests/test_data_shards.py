@@ -4,6 +4,7 @@ number of shards and parts, a bounded tokenizer sample, the manifest, bad input,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -68,6 +69,32 @@ def test_sharded_dataset_is_the_single_file_dataset_for_every_layout(tmp_path, s
             rx, ry = data.get_batch(ref_train, step, 8, 16, seed=3, rank=rank, world_size=world)
             assert x.dtype == rx.dtype and bool((x == rx).all()) and bool((y == ry).all())
     data.verify(out)  # every file matches the sha256 in its manifest
+
+
+# sha256 of train.bin, val.bin and of the first batches, computed with data.py as it was before the sharded
+# pipeline (commit d0c5615; tokenizers 0.23.3): the single-file layout and its batch stream are unchanged, and
+# a sharded dataset gives the same batches.
+BEFORE = {"batches": "04a4ba05b1e9d31c387e85bc006d7f48e0c94acac851c582958d72695f877a9b",
+          "train.bin": "651e484fa08eb56d0772cd008374f9aa68bcd66ee1ec2da026b86b104786b8c3",
+          "val.bin": "9c137cbe6663b3e1a627e11f0fe524a299ebf144a5a623b8036e7438aa5abb1c"}
+
+
+def _batches_sha256(tokens) -> str:
+    h = hashlib.sha256()
+    for step in range(5):
+        for rank, world in ((0, 1), (1, 2)):
+            x, y = data.get_batch(tokens, step, 8, 16, seed=3, rank=rank, world_size=world)
+            h.update(x.numpy().tobytes())
+            h.update(y.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_single_file_layout_and_batches_are_unchanged(tmp_path, single):
+    assert {n: hashlib.sha256((single / n).read_bytes()).hexdigest() for n in ("train.bin", "val.bin")} == \
+        {n: BEFORE[n] for n in ("train.bin", "val.bin")}
+    assert _batches_sha256(data.load_tokens(single, "train")) == BEFORE["batches"]
+    out, _ = _sharded(tmp_path, 3, 2)
+    assert _batches_sha256(data.load_tokens(out, "train")) == BEFORE["batches"]
 
 
 def test_sharded_tokens_read_like_their_concatenation():
@@ -254,8 +281,9 @@ def test_snakemake_scatter_gather_writes_the_single_file_dataset(tmp_path):
     assert sorted(p.name for p in (work / "shards").iterdir()) == sorted(f"{b}.json" for b in data.bucket_names(3))
 
 
-def test_training_on_shards_equals_training_on_one_file(tmp_path, single):
-    """train.py is untouched: it reads the shards through load_tokens/get_batch and logs the same losses."""
+def test_training_on_shards_equals_training_on_one_file(tmp_path, single, monkeypatch):
+    """train.py is untouched: it reads the shards through load_tokens/get_batch and logs the same losses,
+    and a run on the shards killed at step 9 and resumed from its step-8 checkpoint ends the same."""
     from sparsescale import train as T
     from sparsescale.config import TrainConfig
 
@@ -267,7 +295,23 @@ def test_training_on_shards_equals_training_on_one_file(tmp_path, single):
                           checkpoint_every=4, log_every=1, threads=1, **kw)
         return T.train(cfg)
 
+    def rows(name):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s" and "second" not in k}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
     a, b = run(single, "one"), run(out, "sharded")
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s" and "second" not in k}
-             for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "sharded")]
-    assert rows[0] == rows[1] and a["val_loss"] == b["val_loss"]
+    assert rows("one") == rows("sharded") and a["val_loss"] == b["val_loss"]
+    real_get_batch = data.get_batch
+
+    def dying(tokens, step, *args, **kw):
+        if step == 9:
+            raise KeyboardInterrupt("simulated kill at step 9")
+        return real_get_batch(tokens, step, *args, **kw)
+
+    monkeypatch.setattr(data, "get_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, "resumed")
+    monkeypatch.setattr(data, "get_batch", real_get_batch)
+    resumed = run(out, "resumed")
+    assert resumed["resumed_from_step"] == 8 and resumed["val_loss"] == a["val_loss"]
+    assert rows("resumed") == rows("one")
