@@ -315,3 +315,20 @@ def test_training_on_shards_equals_training_on_one_file(tmp_path, single, monkey
     resumed = run(out, "resumed")
     assert resumed["resumed_from_step"] == 8 and resumed["val_loss"] == a["val_loss"]
     assert rows("resumed") == rows("one")
+
+
+def test_hf_source_streams_in_parts_like_the_files_source(tmp_path):
+    """Local JSONL read through `datasets` (streamed) and a save_to_disk folder: the same parts as the files source."""
+    import datasets
+
+    files = data.source_spec("files", files=[JSONL])
+    hf = data.source_spec("hf", hf=JSONL)
+    docs = data.files_corpus(JSONL).documents
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "disk"))
+    disk = data.source_spec("hf", hf=str(tmp_path / "disk"))
+    for n_parts in (1, 3):
+        want = [list(data.stream_source(files, p, n_parts).documents) for p in range(n_parts)]
+        assert sorted(sum(want, [])) == sorted(docs) and all(want)
+        assert [list(data.stream_source(hf, p, n_parts).documents) for p in range(n_parts)] == want
+        got = [list(data.stream_source(disk, p, n_parts).documents) for p in range(n_parts)]
+        assert sorted(sum(got, [])) == sorted(docs) and all(got)  # split by stream shard: other parts, same union
