@@ -175,3 +175,37 @@ def test_compare_precisions_pairs_resamples_with_a_finite_optimum():
     assert out["share_1.58_sparser"] == pytest.approx(2 / 3)
     d = np.array([0.1, 0.3, -0.05])
     assert out["difference_ci"] == [pytest.approx(np.percentile(d, 2.5)), pytest.approx(np.percentile(d, 97.5))]
+
+
+def test_fit_tables_and_figure_carry_the_diagnostics(tmp_path, capsys):
+    from sparsescale.cli import main
+
+    fp = planted(0)
+    b158 = planted(1, params=dict(PAPER, beta=0.04)).assign(precision="1.58")
+    table = pd.concat([fp.assign(precision="fp"), b158], ignore_index=True).assign(size=lambda d: d["n_params"].map(
+        dict(zip(SIZES, ("d1", "d2", "d3", "d4")))), mode="scratch")
+    csv = tmp_path / "runs.csv"
+    table.to_csv(csv, index=False)
+    out = tmp_path / "fit"
+    assert main(["fit", str(csv), "--out", str(out), "--bootstrap", "12", "--multistart", "1", "--jobs", "2", "--starts", "16"]) == 0
+    printed = capsys.readouterr()
+    assert "fp: S* = " in printed.out and "drop one size/sparsity: max shift" in printed.out and "WARNING" not in printed.err
+    summary = __import__("json").loads((out / "optimal_sparsity.json").read_text())
+    diff = summary["difference_1.58_minus_fp"]
+    assert diff["n_pairs"] == 12 and "the paper's finding S*(1.58) > S*(fp)" in summary["statement"]
+    assert main(["tables", "--runs", str(csv), "--fit-dir", str(out), "--out", str(tmp_path / "tables")]) == 0
+    md = (tmp_path / "tables" / "fit_diagnostics.md").read_text()
+    assert "| model sizes (N span) | 4 (62x) | 4 (62x) |" in md
+    assert "| sparsities (largest) | 7 (up to 90%) | 7 (up to 90%) |" in md
+    assert "| token budget D | 1,000,000 (one D) | 1,000,000 (one D) |" in md
+    assert "S* without size d1 (shift, points)" in md and "S* without S = 90% (shift, points)" in md
+    assert "| bootstrap | seeds, 12/12 refits | seeds, 12/12 refits |" in md
+    from sparsescale.plots import plot_stability, save_figure
+    from sparsescale.results import read_fits
+
+    fig = plot_stability(read_fits(out))
+    assert [ax.get_title() for ax in fig.axes] == ["full precision", "1.58-bit"]
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["−d1", "−d2", "−d3", "−d4", "−S 0%", "−S 30%", "−S 50%", "−S 60%", "−S 70%", "−S 80%", "−S 90%"]
+    paths = save_figure(fig, tmp_path / "fig", "fig10_stability", dpi=60)
+    assert [p.name for p in paths] == ["fig10_stability.png", "fig10_stability.pdf"]

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import synthetic  # noqa: E402
 
 from sparsescale import plots as P  # noqa: E402
-from sparsescale import tables as T  # noqa: E402
+from sparsescale import results as R  # noqa: E402
 from sparsescale.errors import UserError  # noqa: E402
 from sparsescale.scaling import PAPER_S_STAR, law  # noqa: E402
 
@@ -30,7 +30,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(inputs):
-    return T.load_results(inputs["runs"], inputs["fit_dir"], inputs["curves"])
+    return R.load_results(inputs["runs"], inputs["fit_dir"], inputs["curves"])
 
 
 def texts(fig) -> list[str]:
@@ -164,7 +164,7 @@ def test_fig7_residuals_are_small_against_the_true_law(results):
 
 def test_missing_optional_inputs_give_labelled_panels(tmp_path):
     p = synthetic.write_inputs(tmp_path, precisions=("fp",), fits=("fp",))
-    res = T.load_results(p["runs"], p["fit_dir"], p["curves"])
+    res = R.load_results(p["runs"], p["fit_dir"], p["curves"])
     assert res.fits["1.58"] is None
     for name, draw in P.FIGURES.items():
         fig = draw(res, OPTS)
@@ -173,7 +173,7 @@ def test_missing_optional_inputs_give_labelled_panels(tmp_path):
     assert any("1.58-bit: no fit" in s for s in legend_labels(P.plot_optimal_sparsity(res.fits)))
     # runs present but no fit: data only, said on the panel
     q = synthetic.write_inputs(tmp_path / "nofit", fits=("fp",))
-    res = T.load_results(q["runs"], q["fit_dir"])
+    res = R.load_results(q["runs"], q["fit_dir"])
     assert "no fit: data only" in texts(P.plot_scaling(res.runs, res.fits))
     assert "no training curves" in texts(P.plot_curves(None))
 

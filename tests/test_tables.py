@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import synthetic
 
+from sparsescale import results as R
 from sparsescale import tables as T
 from sparsescale.errors import UserError
 from sparsescale.io import read_json, write_json
@@ -23,7 +24,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(inputs):
-    return T.load_results(inputs["runs"], inputs["fit_dir"])
+    return R.load_results(inputs["runs"], inputs["fit_dir"])
 
 
 def md_rows(text: str) -> list[list[str]]:
@@ -63,7 +64,7 @@ def test_fit_constants_csv_round_trips_the_fit_json(inputs, results):
 
 
 def test_paper_constants_check_is_about_50_percent_not_45_58(results):
-    s = T.paper_constants_s_star()
+    s = R.paper_constants_s_star()
     grid = np.linspace(0, 0.99, 99_001)
     assert s == pytest.approx(grid[np.argmin(inference_cost_factor(PAPER_CONSTANTS, grid))], abs=2e-5)
     assert 0.50 < s < 0.505
@@ -92,7 +93,7 @@ def test_missing_precision_and_card_form(inputs, tmp_path):
     fit["form"] = "card"
     fit["s_star"] = None  # absent S*: computed from the constants
     write_json(tmp_path / "fit_fp.json", fit)
-    fits = T.read_fits(tmp_path)
+    fits = R.read_fits(tmp_path)
     assert fits["1.58"] is None
     t = T.fit_constants_table(fits)
     df = csv_frame(t)
@@ -112,11 +113,11 @@ def test_no_finite_optimum_renders_s_star_100_and_no_n_over_na(inputs, tmp_path)
     fit.update(s_star=1.0, n_over_na=None, s_star_ci=[0.0, 1.0], n_over_na_ci=[1.0, None])
     fit["params"]["beta"] = -2.0
     write_json(tmp_path / "fit_fp.json", fit)
-    df = csv_frame(T.fit_constants_table(T.read_fits(tmp_path)))
+    df = csv_frame(T.fit_constants_table(R.read_fits(tmp_path)))
     fp = df[df.precision == "fp"].set_index("quantity")
     assert fp.loc["s_star", "value"] == 1.0
     assert math.isnan(fp.loc["n_over_na", "value"])
-    assert "100.00%" in T.to_markdown(T.fit_constants_table(T.read_fits(tmp_path)))
+    assert "100.00%" in T.to_markdown(T.fit_constants_table(R.read_fits(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -150,7 +151,7 @@ def test_losses_pivot_reads_back_to_the_run_means(results):
     """Parse the Markdown pivot's numbers back and compare them with the seed means of the runs table."""
     runs = results.runs
     rows = md_rows(T.to_markdown(T.losses_table(runs)))
-    labels = {v: k for k, v in T.PRECISION_LABEL.items()}
+    labels = {v: k for k, v in R.PRECISION_LABEL.items()}
     sparsities = [0.0, 0.4, 0.6, 0.8]
     checked = 0
     for r in rows[1:]:
@@ -163,7 +164,7 @@ def test_losses_pivot_reads_back_to_the_run_means(results):
 
 def test_modes_get_their_own_rows_and_dense_reference(tmp_path):
     p = synthetic.write_inputs(tmp_path, extra_modes=True)
-    t = T.losses_table(T.read_runs(p["runs"]))
+    t = T.losses_table(R.read_runs(p["runs"]))
     df = csv_frame(t)
     cont = df[df["mode"] == "continue"].set_index("sparsity")
     assert list(cont.index) == [0.0, 0.4]
@@ -220,25 +221,25 @@ def test_latex_is_booktabs_and_escaped(results):
 
 def test_missing_inputs_name_file_and_command(inputs, tmp_path):
     with pytest.raises(UserError, match=r"runs table not found: .*nope\.csv.*sparsescale aggregate"):
-        T.read_runs(tmp_path / "nope.csv")
+        R.read_runs(tmp_path / "nope.csv")
     with pytest.raises(UserError, match=r"no fit results in .*sparsescale fit"):
-        T.read_fits(tmp_path)
+        R.read_fits(tmp_path)
     bad = tmp_path / "runs.csv"
     pd.read_csv(inputs["runs"]).drop(columns=["val_loss"]).to_csv(bad, index=False)
     with pytest.raises(UserError, match="lacks column.*val_loss"):
-        T.read_runs(bad)
+        R.read_runs(bad)
     wrong = tmp_path / "wrong.csv"
     pd.read_csv(inputs["runs"], dtype={"precision": str}).assign(precision="int4").to_csv(wrong, index=False)
     with pytest.raises(UserError, match="unknown precision 'int4'"):
-        T.read_runs(wrong)
+        R.read_runs(wrong)
     with pytest.raises(UserError, match="runs table not found"):
         T.cli_tables(["--runs", str(tmp_path / "x.csv"), "--fit-dir", str(inputs["fit_dir"]), "--out", str(tmp_path)])
 
 
 def test_precision_stays_text_when_only_158_runs(tmp_path):
     p = synthetic.write_inputs(tmp_path, precisions=("1.58",), fits=("1.58",))
-    runs = T.read_runs(p["runs"])
+    runs = R.read_runs(p["runs"])
     assert set(runs.precision) == {"1.58"}
-    assert T.read_fits(p["fit_dir"])["fp"] is None
+    assert R.read_fits(p["fit_dir"])["fp"] is None
     rows = md_rows(T.to_markdown(T.losses_table(runs)))
     assert {r[0] for r in rows[1:]} == {"1.58-bit"}

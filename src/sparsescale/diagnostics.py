@@ -33,7 +33,6 @@ from sparsescale.scaling import (
     MIN_SIZES,
     MIN_SPARSITIES,
     PARAM_NAMES,
-    REQUIRED,
     param_bounds,
     init_grid,
     law_design,

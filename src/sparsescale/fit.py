@@ -31,8 +31,6 @@ from sparsescale.io import dumps_json, versions, write_json
 from sparsescale.scaling import (
     FORMS,
     LEVEL,
-    MIN_SIZES,
-    MIN_SPARSITIES,
     PAPER_S_STAR,
     PARAM_NAMES,
     best_config_for_budget,
@@ -44,9 +42,6 @@ from sparsescale.scaling import (
     paper_constants_check,
     validate_runs,
 )
-
-PRECISIONS = ("fp", "1.58")
-
 
 def flags_of(report: dict) -> tuple[list[str], list[str]]:
     """(codes, messages): every reason not to take the report's S* as a result."""

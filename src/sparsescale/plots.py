@@ -30,13 +30,14 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, MultipleLocator, PercentFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, MultipleLocator, NullFormatter, PercentFormatter
 
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_path, read_json
 from sparsescale.scaling import PAPER_CONSTANTS, PAPER_S_STAR, inference_cost_factor, law
-from sparsescale.tables import (
-    PRECISION_LABEL, PRECISIONS, PROJECTION_LABEL, PROJECTIONS, Results, finite, fmt_n, interval, load_results,
+from sparsescale.config import PRECISIONS
+from sparsescale.results import (
+    PRECISION_LABEL, PROJECTION_LABEL, PROJECTIONS, Results, finite, fmt_n, interval, load_results,
     paper_constants_s_star, s_star_of,
 )
 
@@ -57,6 +58,7 @@ THEME = {
 CB = sns.color_palette("colorblind")
 PRECISION_COLOR = {"fp": CB[0], "1.58": CB[1]}
 PRECISION_STYLE = {"fp": "-", "1.58": "--"}
+PRECISION_MARKER = {"fp": "o", "1.58": "s"}
 PROJECTION_STYLE = {  # colour, marker per projection; overall in black so it stands out
     "qkv": (CB[0], "o"), "o": (CB[1], "s"), "gate_up": (CB[2], "^"), "down": (CB[4], "D"), "overall": ("0.1", "P"),
 }
@@ -257,11 +259,14 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
                 ci = interval(fit, "s_star")
                 if ci:
                     ax.axvspan(ci[0], ci[1], color=color, alpha=0.15, lw=0)
+                    band = Patch(color=color, alpha=0.25, lw=0, label=f"{PRECISION_LABEL[prec]}: 95% bootstrap interval of S*")
                 ax.axvline(star, color=color, lw=1.0)
                 ax.plot([star], [ystar], "o", color=color, ms=5, zorder=4)
                 text = f"{PRECISION_LABEL[prec]} fit: S* = {100 * star:.1f}%"
                 text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]%" if ci else ""
                 handles.append(Line2D([], [], color=color, lw=1.6, marker="o", ms=5, label=text))
+                if ci:
+                    handles.append(band)
                 tops.append(float(y[grid <= 0.75].max()))  # above this S the curves shoot up: clip there
                 bottoms.append(float(y.min()))
             else:
@@ -276,7 +281,6 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
         ax.plot([pstar], [inference_cost_factor(PAPER_CONSTANTS, pstar) / f0], "o", color="0.55", ms=4, zorder=4)
         columns["fp"].append(Line2D([], [], color="0.55", ls="-.", lw=1.0, marker="o", ms=4,
                                     label=f"paper's printed constants: S* = {100 * pstar:.1f}%"))
-        columns["1.58"].append(Patch(color="0.5", alpha=0.25, lw=0, label="95% bootstrap interval of S*"))
         tops.append(float(yp[grid <= 0.75].max()))
         bottoms.append(float(yp.min()))
         lo, hi = min(bottoms), max(tops)
@@ -362,7 +366,7 @@ def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
                 continue
             for (prec, s), g in mean.groupby(["precision", "sparsity"], sort=False):
                 ax.plot(g.tokens, g[col], color=colors[s], ls=PRECISION_STYLE[prec], lw=1.2,
-                        marker="o" if col == "val_loss" else None, ms=2.5)
+                        marker=PRECISION_MARKER[prec] if col == "val_loss" else None, ms=2.5)
             # Clip the first quarter of training on the y axis: early losses near ln(vocab) would flatten the rest.
             late = mean[mean.tokens >= 0.25 * tmax][col]
             lo, hi = float(mean[col].min()), float(late.max() if len(late) else mean[col].max())
@@ -373,8 +377,8 @@ def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
         n = int(c.n_params.iloc[0])
         fig.suptitle(f"{n_label(n, size)}, non-embedding; mean over seeds", fontsize="medium")
         handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s)) for s in colors]
-        handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, label=PRECISION_LABEL[p])
-                    for p in PRECISIONS if (c.precision == p).any()]
+        handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, marker=PRECISION_MARKER[p], ms=3,
+                           label=PRECISION_LABEL[p]) for p in PRECISIONS if (c.precision == p).any()]
         _legend(fig, handles)
     return fig
 
@@ -446,6 +450,8 @@ def plot_residuals(runs: pd.DataFrame, fits: dict) -> Figure:
             ax = row[0]
             ax.scatter(r.n_params * r.sparsity.map(soff), r.residual, c=[scolors[s] for s in r.sparsity], s=14, zorder=3)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^4, 3x10^4, ...) overlapped
             ax.set_xlabel(N_LABEL)
             ax = row[1]
             noff = {n: 0.012 * (i - (len(ncolors) - 1) / 2) for i, n in enumerate(ncolors)}  # fixed dodge in S
@@ -485,6 +491,62 @@ def _loso_panel(ax, fit: dict, scolors: dict) -> None:
     _corner(ax, text, "upper left")
     _percent_axis(ax.xaxis)
     ax.set_xlabel(S_LABEL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figure 10: how far S* can be trusted: drop-one refits, bootstrap interval, the share without an optimum
+
+
+def plot_stability(fits: dict) -> Figure:
+    """Per precision: S* of the full fit with its 95% interval, and S* refitted without each size and each
+    sparsity; the band of +-tolerance around S* is what "stable" means. A refit without a finite optimum is
+    drawn at 100%."""
+    with theme():
+        fig, axes = _figure(1, 2, (8.4, 3.2), sharey=True)
+        for ax, prec in zip(axes[0], PRECISIONS):
+            ax.set_title(PRECISION_LABEL[prec])
+            fit = fits.get(prec)
+            st = (fit or {}).get("stability")
+            if not fit or not st:
+                _no_data(ax, "no fit" if not fit else "no stability refits\n(rerun `sparsescale fit`)")
+                continue
+            star, color = s_star_of(fit), PRECISION_COLOR[prec]
+            labels, values = [], []
+            for r in st.get("drop_size") or []:
+                labels.append(f"−{r.get('size') or fmt_n(r['n_params'])}")
+                values.append(r["s_star"])
+            n_size = len(labels)
+            for r in st.get("drop_sparsity") or []:
+                labels.append(f"−S {100 * r['sparsity']:g}%")
+                values.append(r["s_star"])
+            x = np.arange(len(labels))
+            tol = st.get("tolerance", 0.05)
+            ci = interval(fit, "s_star")
+            if ci:
+                ax.axhspan(ci[0], ci[1], color=color, alpha=0.15, lw=0)
+            ax.axhspan(star - tol, star + tol, facecolor="none", edgecolor="0.5", hatch="//", lw=0.0, alpha=0.5)
+            ax.axhline(star, color=color, lw=1.4)
+            y = np.array([np.nan if v is None else v for v in values], float)
+            ax.plot(x[:n_size], y[:n_size], "o", color=color, ms=5, zorder=3)
+            ax.plot(x[n_size:], y[n_size:], "s", color=color, mfc="white", ms=5, zorder=3)
+            ax.set_xticks(x, labels, rotation=60, ha="right", fontsize="small")
+            ax.axvline(n_size - 0.5, color="0.7", lw=0.8)
+            _percent_axis(ax.yaxis)
+            share = (fit.get("bootstrap") or {}).get("share_no_finite_optimum")
+            text = f"S* = {100 * star:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+            if finite(share):
+                text += f"\n{100 * share:.0f}% of resamples: no finite S*"
+            flags = fit.get("flags") or []
+            text += "\nflags: " + (", ".join(flags) if flags else "none")
+            _corner(ax, text, "upper left")
+        axes[0, 0].set_ylabel("S* (refit)")
+        handles = [Line2D([], [], color="0.3", lw=1.4, label="S* of the full fit"),
+                   Patch(color="0.5", alpha=0.3, lw=0, label="95% bootstrap interval"),
+                   Patch(facecolor="none", edgecolor="0.5", hatch="//", label="± tolerance of 'stable'"),
+                   Line2D([], [], color="0.3", marker="o", lw=0, ms=5, label="one size dropped"),
+                   Line2D([], [], color="0.3", marker="s", mfc="white", lw=0, ms=5, label="one sparsity dropped")]
+        _legend(fig, handles)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -572,6 +634,7 @@ FIGURES: dict[str, Callable[[Results, argparse.Namespace], Figure]] = {
     "fig5_curves": lambda r, o: plot_curves(r.curves, o.curves_size),
     "fig6_measured_sparsity": lambda r, o: plot_measured_sparsity(r.runs),
     "fig7_residuals": lambda r, o: plot_residuals(r.runs, r.fits),
+    "fig10_stability": lambda r, o: plot_stability(r.fits),
 }
 # Drawn only when their input is given on the command line.
 OPTIONAL_FIGURES: dict[str, tuple[str, Callable[[str], Figure]]] = {

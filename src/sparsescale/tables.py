@@ -1,11 +1,12 @@
 """Paper tables from result files: Markdown (README/report), LaTeX with booktabs (papers), CSV (machines).
 
 Notable features:
-- made only from `results/tables/runs.csv` and the fit JSONs in `results/fit/` (never from logs);
-  the readers here (`read_runs`, `read_curves`, `read_fits`, `load_results`) are shared with `plots.py`;
-- three tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
+- made only from `results/tables/runs.csv` and the fit JSONs in `results/fit/` (never from logs), read by
+  `sparsescale.results`;
+- four tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
   paper's own rounded constants give), the loss of every (N, S) cell per precision with the gap to the
-  dense model in %, and the measured sparsity per projection (the paper's Table 2 layout);
+  dense model in %, the measured sparsity per projection (the paper's Table 2 layout), and the diagnostics
+  of S* (design, interval, drop-one-size / drop-one-sparsity refits, flags);
 - byte-identical on rerun: rows sorted, fixed float formats, no timestamps, '\\n' line ends;
 - all writes atomic (`sparsescale.io`); missing inputs raise `UserError` naming the command that makes them.
 
@@ -16,189 +17,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from sparsescale.errors import UserError
-from sparsescale.io import atomic_write_text, read_json
-from sparsescale.scaling import PAPER_CONSTANTS, PAPER_S_STAR, PARAM_NAMES, inference_cost_factor
-
-PRECISIONS = ("fp", "1.58")
-PRECISION_LABEL = {"fp": "full precision", "1.58": "1.58-bit"}
-MODES = ("scratch", "continue", "finetune")
-PROJECTIONS = ("qkv", "o", "gate_up", "down")  # columns sparsity_measured_<p> of runs.csv
-PROJECTION_LABEL = {"qkv": "QKV", "o": "Out", "gate_up": "Gate/Up", "down": "Down"}
-# Columns without which no table or figure can be made; the rest are optional (NaN when absent).
-REQUIRED_RUN_COLUMNS = ("run_id", "size", "n_params", "sparsity", "precision", "seed", "val_loss")
-OPTIONAL_RUN_COLUMNS = ("mode", "n_active", "sparsity_measured") + tuple(f"sparsity_measured_{p}" for p in PROJECTIONS)
-REQUIRED_CURVE_COLUMNS = ("run_id", "n_params", "size", "sparsity", "precision", "seed", "tokens", "train_loss", "val_loss")
-# Read as text: "1.58" must stay the string "1.58", never the float 1.58.
-_TEXT_COLUMNS = {"run_id": str, "size": str, "mode": str, "precision": str, "device": str}
-# The paper states S* and N/N_a = 1/(1 - S*) (1.84 and 2.58); no 1.58-bit constants were published.
-PAPER_N_OVER_NA = {p: 1.0 / (1.0 - s) for p, s in PAPER_S_STAR.items()}
-MISSING = "—"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading the result files (shared with plots.py)
-
-
-def _need(path: Path, what: str, how: str) -> Path:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}; make it with `{how}` (or pass its path)")
-    return path
-
-
-def _read_csv(path: Path, required: tuple[str, ...], what: str, how: str) -> pd.DataFrame:
-    _need(path, what, how)
-    try:
-        df = pd.read_csv(path, dtype=_TEXT_COLUMNS, keep_default_na=True)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{what} is empty: {path}; rerun `{how}`") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(f"{what} {path} lacks column(s) {', '.join(missing)}; rerun `{how}` to rewrite it")
-    bad = sorted(set(df["precision"].dropna()) - set(PRECISIONS))
-    if bad:
-        raise UserError(f"unknown precision {bad[0]!r} in {path}: use one of {', '.join(PRECISIONS)}")
-    return df
-
-
-def read_runs(path: str | Path) -> pd.DataFrame:
-    """runs.csv with the optional columns filled (mode 'scratch', NaN), sorted for determinism."""
-    df = _read_csv(Path(path), REQUIRED_RUN_COLUMNS, "runs table", "sparsescale aggregate")
-    for col in OPTIONAL_RUN_COLUMNS:
-        if col not in df.columns:
-            df[col] = "scratch" if col == "mode" else np.nan
-    df["mode"] = df["mode"].fillna("scratch")
-    df["val_loss"] = pd.to_numeric(df["val_loss"], errors="coerce")  # failed runs: empty -> NaN
-    return df.sort_values(["precision", "mode", "n_params", "sparsity", "seed", "run_id"], kind="mergesort").reset_index(drop=True)
-
-
-def read_curves(path: str | Path) -> pd.DataFrame:
-    df = _read_csv(Path(path), REQUIRED_CURVE_COLUMNS, "training curves table", "sparsescale aggregate")
-    return df.sort_values(["precision", "n_params", "sparsity", "seed", "tokens"], kind="mergesort").reset_index(drop=True)
-
-
-def read_fits(fit_dir: str | Path) -> dict[str, dict | None]:
-    """{precision: fit JSON or None}. At least one fit must exist; a fit without usable constants counts as none."""
-    fit_dir = Path(fit_dir)
-    fits: dict[str, dict | None] = {}
-    for prec in PRECISIONS:
-        path = fit_dir / f"fit_{prec}.json"
-        fit = read_json(path) if path.is_file() else None
-        params = (fit or {}).get("params") or {}
-        usable = all(isinstance(params.get(k), (int, float)) for k in PARAM_NAMES)
-        fits[prec] = fit if usable else None
-    if not any(fits.values()):
-        raise UserError(
-            f"no fit results in {fit_dir} (expected fit_fp.json and/or fit_1.58.json with constants {', '.join(PARAM_NAMES)}); "
-            f"make them with `sparsescale fit` (or pass --fit-dir)"
-        )
-    return fits
-
-
-def read_optimal(fit_dir: str | Path) -> dict:
-    """optimal_sparsity.json if present, else {} (it is optional: the per-precision fit JSONs come first)."""
-    path = Path(fit_dir) / "optimal_sparsity.json"
-    try:
-        out = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-@dataclass
-class Results:
-    """Everything figures and tables are made from."""
-
-    runs: pd.DataFrame
-    fits: dict[str, dict | None]
-    optimal: dict = field(default_factory=dict)
-    curves: pd.DataFrame | None = None
-
-
-def load_results(runs: str | Path, fit_dir: str | Path, curves: str | Path | None = None) -> Results:
-    return Results(
-        runs=read_runs(runs), fits=read_fits(fit_dir), optimal=read_optimal(fit_dir),
-        curves=None if curves is None else read_curves(curves),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Small pure helpers
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def interval(fit: dict | None, key: str) -> tuple[float, float] | None:
-    """A [lo, hi] interval from a fit JSON, or None where absent/null."""
-    if not fit:
-        return None
-    ci = fit.get("ci", {}).get(key) if key in PARAM_NAMES else fit.get(f"{key}_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(v) for v in ci):
-        return float(ci[0]), float(ci[1])
-    return None
-
-
-def optimal_s(params: dict, form: str = "paper") -> float:
-    """S* = argmin_S A(S)(1-S)^alpha (`scaling.optimal_sparsity`), for fit JSONs that lack `s_star`."""
-    from sparsescale.scaling import optimal_sparsity
-
-    return float(optimal_sparsity(params, form)["s_star"])
-
-
-def s_star_of(fit: dict) -> float:
-    return float(fit["s_star"]) if finite(fit.get("s_star")) else optimal_s(fit["params"], fit.get("form", "paper"))
-
-
-def paper_constants_s_star() -> float:
-    """S* that the paper's printed (rounded) constants give: about 0.502, not the stated 0.4558."""
-    return optimal_s(PAPER_CONSTANTS, "paper")
-
-
-def paper_value(key: str, precision: str, form: str = "paper") -> float | None:
-    """The paper's value of a constant in the fit's own form (card form: C_card = C * e^beta)."""
-    if precision != "fp":  # no 1.58-bit constants were published
-        return None
-    if key == "C" and form == "card":
-        return PAPER_CONSTANTS["C"] * math.exp(PAPER_CONSTANTS["beta"])
-    return PAPER_CONSTANTS[key]
-
-
-def fmt_num(x) -> str:
-    if not finite(x):
-        return MISSING
-    x = float(x)
-    return f"{x:.3e}" if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3) else f"{x:.4g}"
-
-
-def fmt_pct(x, digits: int = 2) -> str:
-    return f"{100.0 * float(x):.{digits}f}%" if finite(x) else MISSING
-
-
-def fmt_ci(ci, fmt=fmt_num) -> str:
-    return MISSING if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
-
-
-def fmt_n(n) -> str:
-    """Parameter count in short form: 950k, 1.2M, 3.4B."""
-    n = float(n)
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def fmt_s(s) -> str:
-    return f"S={100.0 * float(s):g}%"
-
+from sparsescale.config import PRECISIONS
+from sparsescale.io import atomic_write_text
+from sparsescale.results import (
+    MISSING, MODES, PAPER_N_OVER_NA, PRECISION_LABEL, PROJECTION_LABEL, PROJECTIONS, Results, finite, fmt_ci, fmt_n,
+    fmt_num, fmt_pct, fmt_s, interval, load_results, paper_constants_s_star, paper_value, s_star_of,
+)
+from sparsescale.scaling import PAPER_CONSTANTS, PAPER_S_STAR, PARAM_NAMES
 
 # ----------------------------------------------------------------------------------------------------------
 # Table container and the three renderers
@@ -483,8 +314,82 @@ def sparsity_table(runs: pd.DataFrame) -> Table:
 # CLI
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Table 4: how far S* can be trusted (design, interval, stability, flags)
+
+
+def _shift(row: dict) -> str:
+    return MISSING if row.get("s_star") is None else f"{fmt_pct(row['s_star'], 1)} ({100 * row['shift']:+.1f})"
+
+
+def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None) -> Table:
+    """Per precision: the sweep's design, S* with its interval and the share of resamples without an
+    optimum, S* refitted without each size and each sparsity, and the flags of the fit."""
+    keys = [("sizes", "model sizes (N span)"), ("sparsities", "sparsities (largest)"), ("seeds", "seeds per cell"),
+            ("tokens", "token budget D"), ("s_star", "S* [95% interval]"), ("no_opt", "resamples without a finite S*"),
+            ("method", "bootstrap")]
+    sizes = sorted({(r.get("size") or fmt_n(r["n_params"]), r["n_params"]) for f in fits.values() if f
+                    for r in (f.get("stability") or {}).get("drop_size") or []}, key=lambda t: t[1])
+    sparsities = sorted({r["sparsity"] for f in fits.values() if f for r in (f.get("stability") or {}).get("drop_sparsity") or []})
+    rows, records = [], []
+
+    def add(label, key, per_prec):
+        rows.append([label] + [per_prec.get(p, MISSING) for p in PRECISIONS])
+
+    cells = {k: {} for k, _ in keys}
+    drop = {f"size:{name}": {} for name, _ in sizes} | {f"sparsity:{v}": {} for v in sparsities}
+    extra = {"max_size": {}, "max_sparsity": {}, "flags": {}}
+    for prec in PRECISIONS:
+        f = fits.get(prec)
+        if not f:
+            continue
+        d, b, st = f.get("design") or {}, f.get("bootstrap") or {}, f.get("stability") or {}
+        tok = d.get("tokens") or {}
+        cells["sizes"][prec] = f"{d.get('n_sizes', MISSING)} ({d['n_span']:.0f}x)" if finite(d.get("n_span")) else MISSING
+        cells["sparsities"][prec] = (f"{d['n_sparsities']} (up to {fmt_pct(d['max_sparsity'], 0)})"
+                                     if finite(d.get("max_sparsity")) else MISSING)
+        cells["seeds"][prec] = "–".join(str(v) for v in sorted(set(d.get("seeds_per_cell") or []))) or MISSING
+        cells["tokens"][prec] = (MISSING if not tok else f"{tok['values'][0]:,} (one D)" if tok.get("fixed")
+                                 else f"varies with N: {', '.join(f'{v:,}' for v in tok['values'])}")
+        ci = interval(f, "s_star")
+        cells["s_star"][prec] = f"{fmt_pct(s_star_of(f), 1)} {fmt_ci(ci, lambda v: fmt_pct(v, 1))}"
+        cells["no_opt"][prec] = fmt_pct(b.get("share_no_finite_optimum"), 0)
+        cells["method"][prec] = f"{b.get('method', MISSING)}, {b.get('n_ok', MISSING)}/{b.get('n', MISSING)} refits"
+        for r in st.get("drop_size") or []:
+            drop[f"size:{r.get('size') or fmt_n(r['n_params'])}"][prec] = _shift(r)
+        for r in st.get("drop_sparsity") or []:
+            drop[f"sparsity:{r['sparsity']}"][prec] = _shift(r)
+        for key, name in (("max_size", "max_shift_size"), ("max_sparsity", "max_shift_sparsity")):
+            extra[key][prec] = fmt_num(st.get(name)) if finite(st.get(name)) else MISSING
+        extra["flags"][prec] = ", ".join(f.get("flags") or []) or "none"
+        records.append({"precision": prec, "s_star": s_star_of(f), "ci_lo": ci[0] if ci else float("nan"),
+                        "ci_hi": ci[1] if ci else float("nan"),
+                        "share_no_finite_optimum": b.get("share_no_finite_optimum", float("nan")),
+                        "max_shift_size": st.get("max_shift_size"), "max_shift_sparsity": st.get("max_shift_sparsity"),
+                        "stable": st.get("stable"), "trustworthy": f.get("trustworthy"), "flags": ";".join(f.get("flags") or [])})
+    for key, label in keys:
+        add(label, key, cells[key])
+    for name, _ in sizes:
+        add(f"S* without size {name} (shift, points)", None, drop[f"size:{name}"])
+    for v in sparsities:
+        add(f"S* without S = {100 * v:g}% (shift, points)", None, drop[f"sparsity:{v}"])
+    add("largest shift: one size / one sparsity dropped", None,
+        {p: f"{extra['max_size'].get(p, MISSING)} / {extra['max_sparsity'].get(p, MISSING)}" for p in extra["max_size"]})
+    add("flags", None, extra["flags"])
+    notes = ["A headline S* needs: one token budget for every size, >= 4 sizes and >= 5 sparsities reaching past S*, "
+             "an interval of at most +-0.1 and shifts of at most 0.05 when one size or one sparsity is dropped."]
+    diff = (optimal or {}).get("difference_1.58_minus_fp")
+    if diff and None not in (diff.get("difference_ci") or [None]):
+        lo, hi = diff["difference_ci"]
+        notes.append(f"S*(1.58) - S*(fp) = {100 * diff['difference']:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]; "
+                     f"1.58-bit sparser in {fmt_pct(diff.get('share_1.58_sparser'), 0)} of paired resamples.")
+    header = ["Quantity"] + [PRECISION_LABEL[p] for p in PRECISIONS]
+    return Table("fit_diagnostics", header, rows, pd.DataFrame(records), notes, tex_first=[tex_escape(r[0]) for r in rows])
+
+
 def make_tables(results: Results) -> list[Table]:
-    return [fit_constants_table(results.fits, results.optimal), losses_table(results.runs), sparsity_table(results.runs)]
+    return [fit_constants_table(results.fits, results.optimal), losses_table(results.runs), sparsity_table(results.runs),
+            diagnostics_table(results.fits, results.optimal)]
 
 
 def cli_tables(argv: list[str]) -> int:

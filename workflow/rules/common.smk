@@ -227,11 +227,12 @@ def figure_names():
         "fig5_curves",
         "fig6_measured_sparsity",
         "fig7_residuals",
+        "fig10_stability",
     ]
 
 
 def table_names():
-    return ["fit_constants", "losses", "sparsity"]
+    return ["fit_constants", "losses", "sparsity", "fit_diagnostics"]
 
 
 def all_targets():
