@@ -14,7 +14,8 @@
   stream (and thus the super activation) can change.
 - Options: `sibling=v` plants a second super weight W[ROW_J2, K] = v sharing the column (found in a second
   iteration); `inert=v` plants a weight as large as the super weight, W[ROW_INERT, COL_INERT] = v, on an input
-  channel no token activates (a large weight that does nothing); `echo_layer=l` plants in layer l a circuit reading channel J that writes -Y[0, J] back to it,
+  channel no token activates (a large weight that does nothing); `stopword_sink=True` plants in the next layer an
+  attention sink on BOS that the super activation alone holds (see `_plant_stopword_sink`); `echo_layer=l` plants in layer l a circuit reading channel J that writes -Y[0, J] back to it,
   cancelling the super activation (an echo: its spike does not persist in the residual stream).
 - `write_dataset(dir, tok)`: a prepared dataset (sparsescale.data.prepare) of these paragraphs, in `tok`.
 - `self_generated(model, tok)`: BOS + random tokens, continued greedily by the model itself: fixed ids on
@@ -29,6 +30,9 @@ PLANT_LAYER, ROW_J, COL_K = 1, 17, 42
 CHANNELS_C = list(range(64, 80))
 ROW_J2, COL_ECHO = 60, 77
 ROW_INERT, COL_INERT = 30, 100  # a large weight on an input channel that never fires
+CONST_CH, STOP_CH = 90, 91  # stopword sink: a channel every token but BOS carries; the stopword direction
+SINK_HEAD_DIM = 15  # of head 0: RoPE's lowest frequency (10000^(-30/32) rad/position: no rotation to speak of)
+SINK = 2.0  # q, k, v, o weights of the sink circuit; the LM head's stopword rows read STOP_CH with 2 SINK
 GATE_UP = 0.075
 ECHO_GATE_UP = 0.3  # the echo reads the one channel J (~9.8 after the norm): 9.8 x 0.3 = 16 x 2.45 x 0.075
 SUPER = 0.4
@@ -74,7 +78,8 @@ def random_model(tok, seed: int = 0, size: str = "d3", hidden_act: str = "relu2"
 
 
 def planted_model(tok, seed: int = 0, super_value: float = SUPER, hidden_act: str = "relu2", size: str = "d3",
-                  sibling: float | None = None, echo_layer: int | None = None, inert: float | None = None):
+                  sibling: float | None = None, echo_layer: int | None = None, inert: float | None = None,
+                  stopword_sink: bool = False):
     model = random_model(tok, seed, size=size, hidden_act=hidden_act)
     bos = tok.bos_token_id
     with torch.no_grad():
@@ -90,12 +95,37 @@ def planted_model(tok, seed: int = 0, super_value: float = SUPER, hidden_act: st
             mlp.down_proj.weight[ROW_J2, COL_K] = sibling
         if inert is not None:  # as large as the super weight, but X[:, COL_INERT] is ordinary (~0.01)
             mlp.down_proj.weight[ROW_INERT, COL_INERT] = inert
+        if stopword_sink:
+            _plant_stopword_sink(model, tok)
         if echo_layer is not None:  # the normalized BOS state is ~9.8 on channel J there: same circuit, sign flipped
             echo = model.model.layers[echo_layer].mlp
             echo.gate_proj.weight[COL_ECHO, ROW_J] = ECHO_GATE_UP
             echo.up_proj.weight[COL_ECHO, ROW_J] = ECHO_GATE_UP
             echo.down_proj.weight[ROW_J, COL_ECHO] = -super_value
     return model
+
+
+def _plant_stopword_sink(model, tok) -> None:
+    """Layer PLANT_LAYER + 1, head 0: an attention sink on BOS that exists only through the super activation.
+
+    Query: CONST_CH (every token but BOS) -> head dim SINK_HEAD_DIM; key: channel J (only BOS's, ~9.8 after the
+    norm, and only while the super weight is there) -> the same dim: every query attends to BOS (score ~17).
+    Value: CONST_CH -> head dim 0 (0 on BOS); output: head dim 0 -> STOP_CH; LM head: STOP_CH -> " the", ".",
+    ",". With the super weight the head reads BOS and writes nothing; without it, attention spreads over the
+    other tokens, whose value writes STOP_CH, and the stopwords gain probability (the paper's Fig. 4).
+    """
+    emb = model.model.embed_tokens.weight
+    emb[:, [CONST_CH, STOP_CH]] = 0.0
+    emb[:, CONST_CH] = 0.2
+    emb[tok.bos_token_id, CONST_CH] = 0.0
+    attn = model.model.layers[PLANT_LAYER + 1].self_attn
+    attn.q_proj.weight[SINK_HEAD_DIM, CONST_CH] = SINK
+    attn.k_proj.weight[SINK_HEAD_DIM, ROW_J] = SINK
+    attn.v_proj.weight[0, CONST_CH] = SINK
+    attn.o_proj.weight[STOP_CH, 0] = SINK
+    for w in (" the", ".", ","):
+        (tid,) = tok(w, add_special_tokens=False)["input_ids"]
+        model.lm_head.weight[tid, STOP_CH] = 2 * SINK
 
 
 def documents(n: int = 48) -> list[str]:

@@ -245,6 +245,38 @@ def test_super_positions_are_found_per_sequence(model, tok):
     assert restored[..., planted.ROW_J][other].abs().max() < 0.1  # elsewhere: zeroed weight, no super activation
 
 
+def test_zeroing_the_super_weight_raises_stopword_probability(tok):
+    """The paper's Fig. 4 on a fixture with the mechanism it implies: an attention sink on BOS held by the super
+    activation. Zeroed, the head reads the other tokens and the stopwords take the probability mass; pruning the
+    largest other weight changes nothing; without the sink circuit zeroing moves them by almost nothing."""
+    prompts = probes.last_word_prompts(tok, planted.documents(48), 48)
+    stop = probes.stopword_ids(tok)
+    assert len(prompts) == 48 and set(stop) == {"the", ".", ","}
+    sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
+
+    def probs(m):
+        return probes.prompt_probes(m, prompts, stop)["stopword_prob"]
+
+    m = planted.planted_model(tok, stopword_sink=True)
+    assert [s.coord for s in sw.find_super_weights(m, tok).super_weights] == [PLANTED]
+    before = probs(m)
+    with sw.zeroed(m, sws):
+        after = probs(m)
+        top = probes.top_tokens(m, tok)[0]
+    with sw.pruned_others(m, sws, 1):
+        control = probs(m)
+    # measured: the 0.0000 -> 0.569, "." 0.0000 -> 0.270, "," 0.0000 -> 0.161
+    assert sum(before.values()) < 1e-3 and sum(after.values()) > 0.9
+    assert all(after[w] > 100 * before[w] for w in stop)
+    assert all(control[w] == pytest.approx(before[w], rel=0.05, abs=1e-6) for w in stop)
+    assert top["token"] == " the" and top["prob"] > 0.5  # "Summer is hot. Winter is" -> " the" (the paper: 9%)
+    plain = planted.planted_model(tok)  # the same super weight without the sink circuit
+    base = probs(plain)
+    with sw.zeroed(plain, sws):
+        moved = sum(probs(plain).values()) - sum(base.values())
+    assert abs(moved) < 0.01 < sum(after.values()) - sum(before.values())
+
+
 def test_scale_factor_one_is_the_original_and_the_curve_has_its_minimum_there(model, ids):
     sws = [sw.SuperWeight(*PLANTED, planted.SUPER, 0, 0, 0)]
     ref = state(model)
