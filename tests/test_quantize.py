@@ -133,19 +133,24 @@ def _capture_down_input(model, layer, store):
         lambda m, a: store.append(a[0].detach().clone()))
 
 
+def _down_input_before_and_after_fake_quant(model, ids, super_activations):
+    """(x, x_hat): the down_proj input of the planted layer, raw and after 8-bit per-tensor fake quantization."""
+    seen = []  # pre-hooks run in registration order: the raw input, then (after fake quant) the quantized one
+    first = _capture_down_input(model, planted.PLANT_LAYER, seen)
+    with qz.fake_quant_activations(model, 8, "tensor", super_activations):
+        last = _capture_down_input(model, planted.PLANT_LAYER, seen)
+        with torch.no_grad():
+            model(input_ids=ids)
+    first.remove(), last.remove()
+    return seen
+
+
 def test_activation_fake_quant_replaces_and_restores_the_super_activation(model, tok):
     ids = torch.tensor([probes.encode(tok, "Summer is hot. Winter is cold.")])
     sa = [(planted.PLANT_LAYER, planted.COL_K)]
     errs = {}
     for aware in (False, True):
-        seen = []  # pre-hooks run in registration order: the raw input, then (after fake quant) the quantized one
-        first = _capture_down_input(model, planted.PLANT_LAYER, seen)
-        with qz.fake_quant_activations(model, 8, "tensor", sa if aware else ()):
-            last = _capture_down_input(model, planted.PLANT_LAYER, seen)
-            with torch.no_grad():
-                model(input_ids=ids)
-        first.remove(), last.remove()
-        x, xq = seen
+        x, xq = _down_input_before_and_after_fake_quant(model, ids, sa if aware else ())
         mask = torch.ones_like(x, dtype=torch.bool)
         mask[0, 0, planted.COL_K] = False
         errs[aware] = float(((xq - x)[mask] ** 2).mean())
@@ -164,14 +169,7 @@ def test_activation_fake_quant_finds_the_super_activation_in_each_sequence(model
     where = [(0, 0), (1, 4), (2, 9)]
     errs = {}
     for aware in (False, True):
-        seen = []
-        first = _capture_down_input(model, planted.PLANT_LAYER, seen)
-        with qz.fake_quant_activations(model, 8, "tensor", [(planted.PLANT_LAYER, planted.COL_K)] if aware else ()):
-            last = _capture_down_input(model, planted.PLANT_LAYER, seen)
-            with torch.no_grad():
-                model(input_ids=ids)
-        first.remove(), last.remove()
-        x, xq = seen
+        x, xq = _down_input_before_and_after_fake_quant(model, ids, [(planted.PLANT_LAYER, planted.COL_K)] if aware else ())
         mask = torch.ones_like(x, dtype=torch.bool)
         for b, t in where:
             assert x[b, t, planted.COL_K] > 15  # the super activation sits on each sequence's BOS
