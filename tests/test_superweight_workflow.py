@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from sparsescale.superweight import report as SR  # noqa: E402
 from sparsescale.superweight import summary as SS  # noqa: E402
@@ -295,6 +296,12 @@ def test_quantize_and_w8a8_tables_read_back(sweep):
     assert SR.fmt_ppl(3.469e7) == "3.469e+07" and SR.fmt_ppl(float("nan")) == "—"
     assert [SR.block_text(b) for b in (64, 100, 16384, 262144, 1048576, "channel")] == [
         "8²", "100", "128²", "512²", "1024²", "channel"]
+
+
+def test_paper_config_sweeps_blocks_to_the_papers_sizes():
+    """The paper's RTN and super-weight-aware quantization separate from 512² on: the paper config reaches 1024²."""
+    sw_cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["superweight"]
+    assert sw_cfg["blocks"] == [64**2, 128**2, 256**2, 512**2, 1024**2]
 
 
 def test_quantize_report_shows_the_papers_large_blocks():
