@@ -4,6 +4,7 @@
     sparsescale bench fit          fit + 1000 bootstrap resamples of a 60-run table
     sparsescale bench gemv         sparse GEMV vs dense matmul, fraction of the ideal 1/(1-S)
     sparsescale bench decode       batch-1 decode tokens/s, Q-Sparse vs dense
+    sparsescale bench gpu-check    training MFU, Triton GEMV, decode on a GPU (make gpu-check; --dry-run on CPU)
     sparsescale bench tokenize     sharded data preparation: tokens/s per core, peak RSS at two corpus sizes
 """
 
@@ -18,6 +19,7 @@ BENCHES = {
     "fit": ("sparsescale.bench.fit", "bench_fit"),
     "gemv": ("sparsescale.bench.gemv", "bench_gemv"),
     "decode": ("sparsescale.bench.decode", "bench_decode"),
+    "gpu-check": ("sparsescale.bench.gpu_check", "bench_gpu_check"),
     "tokenize": ("sparsescale.bench.tokenize", "bench_tokenize"),
 }
 
