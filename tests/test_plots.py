@@ -48,7 +48,7 @@ def test_cli_renders_every_figure_as_png_and_pdf(inputs, tmp_path):
     assert P.cli_figures(argv) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"{n}.{e}" for n in P.FIGURES for e in ("png", "pdf"))
-    assert len(P.FIGURES) == 7
+    assert len(P.FIGURES) == 8
     for n in P.FIGURES:
         png, pdf = (out / f"{n}.png").read_bytes(), (out / f"{n}.pdf").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in png  # no version stamp

@@ -201,7 +201,7 @@ def test_cli_writes_all_tables_byte_identically(inputs, tmp_path):
         assert T.cli_tables(["--runs", str(inputs["runs"]), "--fit-dir", str(inputs["fit_dir"]), "--out", str(out)]) == 0
         outs.append(out)
     files = sorted(p.name for p in outs[0].iterdir())
-    assert files == sorted(f"{n}.{e}" for n in ("fit_constants", "losses", "sparsity") for e in ("md", "tex", "csv"))
+    assert files == sorted(f"{n}.{e}" for n in ("fit_constants", "losses", "sparsity", "fit_diagnostics") for e in ("md", "tex", "csv"))
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
     assert not any(p.name.startswith(".") for p in outs[0].iterdir())  # no temporary files left behind
