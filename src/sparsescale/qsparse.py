@@ -295,6 +295,13 @@ def convert(model: nn.Module, sparsity: float, weight_bits: str = "fp", act_bits
     return model
 
 
+def effective_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight a (Q-Sparse) linear multiplies by, detached: ternary when weight_bits="1.58", else its own."""
+    settings = getattr(mod, "settings", None)
+    w = mod.weight.detach()
+    return quant_weight_ternary(w) if settings is not None and settings.weight_bits == "1.58" else w
+
+
 def qsparse_linears(model: nn.Module):
     """(name, module) of every QSparseLinear."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QSparseLinear)]

@@ -17,7 +17,7 @@ rule bench_inference:
         ),
         pdf=f"{R}/bench/figures/fig9_speedup.pdf",
     log:
-        "logs/bench_inference.log",
+        f"{R}/logs/bench_inference.log",
     conda:
         ENV
     threads: workflow.cores

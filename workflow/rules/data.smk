@@ -17,9 +17,9 @@ if SHARDS:
         output:
             directory(f"{WORK}/tokenizer"),
         log:
-            "logs/data/tokenizer.log",
+            f"{R}/logs/data/tokenizer.log",
         benchmark:
-            "logs/benchmarks/data/tokenizer.tsv"
+            f"{R}/logs/benchmarks/data/tokenizer.tsv"
         conda:
             ENV
         threads: data_resources("tokenizer", "threads", 1)
@@ -39,9 +39,9 @@ if SHARDS:
         output:
             temp(directory(f"{WORK}/parts/{{part}}")),
         log:
-            "logs/data/encode/{part}.log",
+            f"{R}/logs/data/encode/{{part}}.log",
         benchmark:
-            "logs/benchmarks/data/encode/{part}.tsv"
+            f"{R}/logs/benchmarks/data/encode/{{part}}.tsv"
         wildcard_constraints:
             part="[0-9]+",
         conda:
@@ -64,9 +64,9 @@ if SHARDS:
             bin=temp(f"{WORK}/shards/{{shard}}.bin"),
             record=f"{WORK}/shards/{{shard}}.json",
         log:
-            "logs/data/shard/{shard}.log",
+            f"{R}/logs/data/shard/{{shard}}.log",
         benchmark:
-            "logs/benchmarks/data/shard/{shard}.tsv"
+            f"{R}/logs/benchmarks/data/shard/{{shard}}.tsv"
         wildcard_constraints:
             shard="val|[0-9]{5}",
         conda:
@@ -87,9 +87,9 @@ if SHARDS:
         output:
             directory(DATA),
         log:
-            "logs/data/gather.log",
+            f"{R}/logs/data/gather.log",
         benchmark:
-            "logs/benchmarks/data/gather.tsv"
+            f"{R}/logs/benchmarks/data/gather.tsv"
         conda:
             ENV
         threads: 1
@@ -108,9 +108,9 @@ else:
         output:
             directory(DATA),
         log:
-            "logs/prepare.log",
+            f"{R}/logs/prepare.log",
         benchmark:
-            "logs/benchmarks/prepare.tsv"
+            f"{R}/logs/benchmarks/prepare.tsv"
         conda:
             ENV
         threads: 2

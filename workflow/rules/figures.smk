@@ -18,7 +18,7 @@ rule figures:
         ],
         pdfs=expand(f"{R}/figures/{{name}}.pdf", name=figure_names()),
     log:
-        "logs/figures.log",
+        f"{R}/logs/figures.log",
     conda:
         ENV
     params:
@@ -47,7 +47,7 @@ rule tables:
         tex=expand(f"{R}/tables/{{name}}.tex", name=table_names()),
         csv=expand(f"{R}/tables/{{name}}.csv", name=table_names()),
     log:
-        "logs/tables.log",
+        f"{R}/logs/tables.log",
     conda:
         ENV
     params:

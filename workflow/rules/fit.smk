@@ -8,9 +8,9 @@ rule fit:
         fits=expand(f"{R}/fit/fit_{{p}}.json", p=precisions()),
         optimal=f"{R}/fit/optimal_sparsity.json",
     log:
-        "logs/fit.log",
+        f"{R}/logs/fit.log",
     benchmark:
-        "logs/benchmarks/fit.tsv"
+        f"{R}/logs/benchmarks/fit.tsv"
     conda:
         ENV
     threads: workflow.cores

@@ -15,7 +15,7 @@ rule superweight_detect:
     output:
         f"{SW}/{{name}}/detect.json",
     log:
-        "logs/superweight/{name}/detect.log",
+        f"{R}/logs/superweight/{{name}}/detect.log",
     wildcard_constraints:
         name=SW_NAME,
     conda:
@@ -40,7 +40,7 @@ rule superweight_ablate:
         ablation=f"{SW}/{{name}}/ablation.json",
         scale=f"{SW}/{{name}}/scale.json",
     log:
-        "logs/superweight/{name}/ablate.log",
+        f"{R}/logs/superweight/{{name}}/ablate.log",
     wildcard_constraints:
         name=SW_NAME,
     conda:
@@ -65,7 +65,7 @@ rule quantize_sweep:
     output:
         f"{SW}/{{name}}/quantize.json",
     log:
-        "logs/superweight/{name}/quantize.log",
+        f"{R}/logs/superweight/{{name}}/quantize.log",
     wildcard_constraints:
         name=SW_NAME,
     conda:
@@ -95,7 +95,7 @@ rule superweight_summary:
     output:
         f"{SW}/summary.csv",
     log:
-        "logs/superweight/summary.log",
+        f"{R}/logs/superweight/summary.log",
     conda:
         ENV
     shell:
@@ -122,7 +122,7 @@ rule superweight_figures:
         ],
         pdfs=expand(f"{SW}/figures/{{fig}}.pdf", fig=SW_FIGURES),
     log:
-        "logs/superweight/figures.log",
+        f"{R}/logs/superweight/figures.log",
     conda:
         ENV
     params:
@@ -155,7 +155,7 @@ rule superweight_tables:
         tex=expand(f"{SW}/tables/{{table}}.tex", table=SW_TABLES),
         csv=expand(f"{SW}/tables/{{table}}.csv", table=SW_TABLES),
     log:
-        "logs/superweight/tables.log",
+        f"{R}/logs/superweight/tables.log",
     conda:
         ENV
     params:

@@ -29,7 +29,7 @@ import resource
 
 import torch
 
-from sparsescale.bench.gemv import DTYPES, _write_csv, machine
+from sparsescale.bench.gemv import DTYPES, write_csv, machine
 from sparsescale.bench.timing import interleaved_median_ms
 from sparsescale.config import check_sparsity
 from sparsescale.io import versions, write_json
@@ -155,7 +155,7 @@ def bench_decode(argv: list[str]) -> int:
               f"{row['tokens_equal_prefix']} of {n_new} new tokens agree)")
         del sparse, decode, fns, variants, outs
     if a.out:
-        _write_csv(a.out, rows, COLUMNS)
+        write_csv(a.out, rows, COLUMNS)
         write_json(f"{os.path.splitext(a.out)[0]}.json", {
             "benchmark": "decode", "backend": a.backend, "device": a.device, "repeats": repeats,
             "prompt_len": a.prompt_len,

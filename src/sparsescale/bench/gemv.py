@@ -174,7 +174,7 @@ def bench_gemv(argv: list[str]) -> int:
                           f"{r['union_fraction_expected']:.2f})")
             del w, sw, xs, fns
     if a.out:
-        _write_csv(a.out, rows, COLUMNS)
+        write_csv(a.out, rows, COLUMNS)
         write_json(f"{os.path.splitext(a.out)[0]}.json", {
             "benchmark": "gemv", "backend": a.backend, "device": a.device, "repeats": repeats,
             "kernel_threads": a.kernel_threads or info["torch_threads"], "machine": info,
@@ -182,7 +182,7 @@ def bench_gemv(argv: list[str]) -> int:
             "versions": versions()})
         print(f"wrote {a.out}")
     if a.union_out and union_rows:
-        _write_csv(a.union_out, union_rows, tuple(union_rows[0]))
+        write_csv(a.union_out, union_rows, tuple(union_rows[0]))
     if bugs:
         print(f"BENCHMARK BUG in {len(bugs)} row(s): see above; their fraction_of_ideal is left empty")
     return 0
@@ -203,7 +203,7 @@ def gemv_row(d_in: int, d_out: int, dtype: str, s: float, dense_ms: float, kerne
             "ideal": ideal, "fraction_of_ideal": float("nan") if above else sp / ideal, "above_ideal": bool(above)}
 
 
-def _write_csv(path, rows, columns):
+def write_csv(path, rows, columns):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()

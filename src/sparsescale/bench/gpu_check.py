@@ -138,7 +138,7 @@ def bench_gpu_check(argv: list[str]) -> int:
 
     size, vocab, seq, batch, repeats = train_cfg
     train = train_rows(size, vocab, seq, batch, repeats, device, peak)
-    bench_gemv_mod._write_csv(os.path.join(a.out, "train.csv"), train, tuple(train[0]))
+    bench_gemv_mod.write_csv(os.path.join(a.out, "train.csv"), train, tuple(train[0]))
     write_json(os.path.join(a.out, "train.json"), {"benchmark": "train", "device": name, "peak_tflops": peak,
                                                    "rows": train, "versions": versions()})
     print(f"training done ({time.perf_counter() - t0:.0f} s)", flush=True)

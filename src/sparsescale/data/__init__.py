@@ -18,7 +18,7 @@ import subprocess  # noqa: F401  (tests patch data.subprocess.run: the pip call 
 
 from sparsescale.data.batches import ShardedTokens, get_batch, load_meta, load_tokenizer, load_tokens, val_batches, verify
 from sparsescale.data.cli import cli_prepare, cli_step
-from sparsescale.data.prepare import META_FORMAT, _corpus_sha256, prepare
+from sparsescale.data.prepare import META_FORMAT, corpus_sha256, prepare
 from sparsescale.data.shards import (SHARDED_FORMAT, bucket_names, bucket_of, build_shard, build_tokenizer, encode_part,
                                      gather)
 from sparsescale.data.sources import (BUILTIN, SECTION_CHARS, Archive, Corpus, Stream, builtin_corpus, cache_dir,

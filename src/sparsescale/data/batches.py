@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from sparsescale.data.sources import _check_sha256
+from sparsescale.data.sources import check_sha256
 from sparsescale.data.tokenizer import portable
 from sparsescale.errors import UserError
 from sparsescale.io import read_json
@@ -110,7 +110,7 @@ def verify(data_dir: str | os.PathLike) -> dict:
         path = Path(data_dir) / name
         if not path.exists():
             raise UserError(f"{path} is missing: prepare the dataset again")
-        _check_sha256(path, expected, what="dataset file; prepare the dataset again")
+        check_sha256(path, expected, what="dataset file; prepare the dataset again")
     return meta
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from sparsescale.data.sources import Corpus
 from sparsescale.data.tokenizer import (DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE,
-                                        _check_vocab_size, encode_documents, load_hf_tokenizer, split_documents,
+                                        check_vocab_size, encode_documents, load_hf_tokenizer, split_documents,
                                         token_dtype, train_bpe)
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_dir, command_line, sha256_file, versions, write_json
@@ -39,7 +39,7 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
     if max_train_tokens is not None and max_train_tokens < 1:
         raise UserError(f"max train tokens must be a positive integer: got {max_train_tokens} (--max-train-tokens)")
     if tokenizer is None:
-        _check_vocab_size(vocab_size)
+        check_vocab_size(vocab_size)
     hf_tok = load_hf_tokenizer(tokenizer) if tokenizer is not None else None
     if not corpus.documents:
         raise UserError(f"corpus is empty ({corpus.source}): give a source with text")
@@ -69,7 +69,7 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
             "format": META_FORMAT,
             "source": corpus.source,
             "inputs": corpus.inputs,
-            "corpus_sha256": _corpus_sha256(corpus.documents),
+            "corpus_sha256": corpus_sha256(corpus.documents),
             "licences": corpus.licences,
             "tokenizer": {"kind": "bpe" if tokenizer is None else "hf", "name": tokenizer or "byte-level BPE",
                           "vocab_size_requested": vocab_size if tokenizer is None else None},
@@ -98,7 +98,7 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
     return meta
 
 
-def _corpus_sha256(docs: list[str]) -> str:
+def corpus_sha256(docs: list[str]) -> str:
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode("utf-8") + b"\0")

@@ -34,7 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from sparsescale.data.sources import stream_source
-from sparsescale.data.tokenizer import (_check_vocab_size, document_key, load_hf_tokenizer, sample_documents,
+from sparsescale.data.tokenizer import (check_vocab_size, document_key, load_hf_tokenizer, sample_documents,
                                         token_dtype, train_bpe)
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_dir, atomic_path, command_line, read_json, sha256_file, versions, write_json
@@ -73,7 +73,7 @@ def build_tokenizer(spec: dict, out: str | os.PathLike, *, vocab_size: int | Non
     if tokenizer is not None:
         tok = load_hf_tokenizer(tokenizer)
     else:
-        _check_vocab_size(vocab_size)
+        check_vocab_size(vocab_size)
         stream = stream_source(spec)
         docs, sample = sample_documents(stream.documents, val_fraction, seed, sample_docs, sample_bytes)
         if not docs:

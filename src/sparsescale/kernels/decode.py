@@ -31,17 +31,11 @@ from sparsescale.errors import UserError
 from sparsescale.kernels import cpu
 from sparsescale.kernels.weight import BACKENDS, NONZERO, THRESHOLD, TOPK, SparseWeight, resolve_backend
 from sparsescale.layout import PROJECTION_GROUPS
-from sparsescale.qsparse import QSparseLinear, qsparse_linears, quant_weight_ternary
+from sparsescale.qsparse import QSparseLinear, effective_weight, qsparse_linears
 
 MODES = ("topk", "threshold")
 # attribute of a Parameter: (W^T buffer, first column, last column), the buffer its data is a transposed view of
 _OWNED = "_sparsescale_wt"
-
-
-def _effective_weight(m) -> torch.Tensor:
-    """The weight the normal Q-Sparse forward multiplies by (ternary when weight_bits="1.58")."""
-    w = m.weight.detach()
-    return quant_weight_ternary(w) if m.settings.weight_bits == "1.58" else w
 
 
 def _owned_wt(members) -> torch.Tensor | None:
@@ -81,7 +75,7 @@ class _Group:
                   else torch.empty(shape, dtype=w0.dtype, device=w0.device))
             with torch.no_grad():
                 for m, sl in zip(members, self.slices):
-                    wt[:, sl].copy_(_effective_weight(m).t())
+                    wt[:, sl].copy_(effective_weight(m).t())
                     if self.shared:  # the parameter now lives in the kernel's layout: no second copy
                         m.weight.data = wt[:, sl].t()
                         setattr(m.weight, _OWNED, (wt, sl.start, sl.stop))

@@ -50,7 +50,7 @@ from torch import nn
 
 from sparsescale.errors import UserError
 from sparsescale.layout import DEFAULT_FFN_OUT, decoder_layers, ffn_out_modules
-from sparsescale.qsparse import quant_weight_ternary
+from sparsescale.qsparse import effective_weight
 from sparsescale.superweight import probes
 
 OFFICIAL_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -90,13 +90,6 @@ def effective_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the matmul sees: the top-K sparsified (quantized) input for a QSparseLinear, else x."""
     f = getattr(mod, "sparsify_input", None)
     return f(x) if f is not None else x
-
-
-def effective_weight(mod: nn.Module) -> torch.Tensor:
-    s = getattr(mod, "settings", None)
-    if s is not None and getattr(s, "weight_bits", "fp") == "1.58":
-        return quant_weight_ternary(mod.weight.detach())
-    return mod.weight.detach()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter
 
 from sparsescale.plots import (
-    CB, N_LABEL, PRECISION_STYLE, _figure, _legend, _no_data, _percent_axis, s_colors, s_label, sequential_colors,
+    CB, N_LABEL, PRECISION_STYLE, figure_grid, side_legend, no_data, percent_axis, s_colors, s_label, sequential_colors,
     spike_panel, theme,
 )
 from sparsescale.superweight.detect import DEFAULT_THRESHOLD
@@ -78,7 +78,7 @@ def _panels(n: int, size=(3.3, 2.6), max_cols: int = 3, legend_w: float = 1.8):
     """A grid of n panels (max_cols wide) with room on the right for a shared legend; unused cells hidden."""
     ncols = min(max(n, 1), max_cols)
     nrows = -(-max(n, 1) // ncols)
-    fig, axes = _figure(nrows, ncols, (size[0] * ncols + legend_w, size[1] * nrows))
+    fig, axes = figure_grid(nrows, ncols, (size[0] * ncols + legend_w, size[1] * nrows))
     flat = list(axes.flat)
     for ax in flat[max(n, 1):]:
         ax.set_visible(False)
@@ -97,7 +97,7 @@ def _accuracy_axis(ax, values) -> None:
     """0 to a little above the best accuracy (at least 10%, so an all-zero panel still has readable ticks)."""
     v = [float(x) for x in values if finite(x)]
     ax.set_ylim(0, max([0.1] + [1.15 * x for x in v]))
-    _percent_axis(ax.yaxis)
+    percent_axis(ax.yaxis)
 
 
 def _log_if_wide(ax, values) -> None:
@@ -112,7 +112,7 @@ def plot_spike_profiles(detects: dict[str, dict]) -> Figure:
     with theme():
         fig, axes = _panels(len(detects))
         if not detects:
-            _no_data(axes[0], "no detection results")
+            no_data(axes[0], "no detection results")
             return fig
         for ax, (name, det) in zip(axes, detects.items()):
             spike_panel(ax, det, name)
@@ -120,7 +120,7 @@ def plot_spike_profiles(detects: dict[str, dict]) -> Figure:
                    Line2D([], [], color=CB[3], marker="s", ms=3.5, label="down_proj output"),
                    Patch(color=CB[2], alpha=0.3, lw=0, label="layer of a super weight"),
                    Patch(color="0.75", alpha=0.3, lw=0, label="echo (not kept)")]
-        _legend(fig, handles, title="max |·| on one prompt")
+        side_legend(fig, handles, title="max |·| on one prompt")
     return fig
 
 
@@ -141,11 +141,11 @@ def _condition_label(cond: str) -> str:
 def plot_sw_ablation(ablations: dict[str, dict]) -> Figure:
     """Perplexity and last-word accuracy per ablation condition, one marker per model, its original dotted."""
     with theme():
-        fig, axes = _figure(1, 2, (8.0, 3.2))
+        fig, axes = figure_grid(1, 2, (8.0, 3.2))
         conds = sorted({c["condition"] for a in ablations.values() for c in a.get("conditions", [])}, key=_condition_order)
         if not conds:
             for ax in axes[0]:
-                _no_data(ax, "no ablation results")
+                no_data(ax, "no ablation results")
             return fig
         colors, dodge = _model_colors(ablations), 0.5 / max(len(ablations), 1)
         for ax, (get, label) in zip(axes[0], ((lambda c: c["val"]["ppl"], "validation perplexity"),
@@ -165,7 +165,7 @@ def plot_sw_ablation(ablations: dict[str, dict]) -> Figure:
         handles = [Line2D([], [], color=colors[n], marker="o", ms=5, lw=0,
                           label=n + ("\n(no super weight:\noriginal only)" if _no_sw(a) else "")) for n, a in ablations.items()]
         handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label="original model"))
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -180,13 +180,13 @@ def plot_sw_scale(scales: dict[str, dict]) -> Figure:
     """Perplexity and last-word accuracy with the super weights scaled by 0…3 (1 = the original model); in a
     1.58-bit model the effective ternary weight is scaled (its latent weight would round to the same value)."""
     with theme():
-        fig, axes = _figure(1, 2, (7.6, 3.0))
+        fig, axes = figure_grid(1, 2, (7.6, 3.0))
         colors = _model_colors(scales)
         if not any(s.get("points") for s in scales.values()):
             for ax in axes[0]:
-                _no_data(ax, "none found:\nnothing to scale" if scales else "no scale results")
+                no_data(ax, "none found:\nnothing to scale" if scales else "no scale results")
             if scales:
-                _legend(fig, [Line2D([], [], color=colors[n], lw=0, marker="o", label=f"{n}: none found") for n in scales])
+                side_legend(fig, [Line2D([], [], color=colors[n], lw=0, marker="o", label=f"{n}: none found") for n in scales])
             return fig
         for ax, (get, label) in zip(axes[0], ((lambda p: p["val"]["ppl"], "validation perplexity"),
                                                (lambda p: p["last_word_accuracy"], "last-word accuracy"))):
@@ -203,7 +203,7 @@ def plot_sw_scale(scales: dict[str, dict]) -> Figure:
         handles = [Line2D([], [], color=colors[n], marker="o", ms=3.5, lw=1.2 if sc.get("points") else 0,
                           label=_scale_label(n, sc)) for n, sc in scales.items()]
         handles.append(Line2D([], [], color="0.5", ls=":", lw=0.9, label="factor 1 = original"))
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -225,7 +225,7 @@ def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
     with theme():
         fig, axes = _panels(len(quants))
         if not quants:
-            _no_data(axes[0], "no quantization results")
+            no_data(axes[0], "no quantization results")
             return fig
         bits = sorted({p["bits"] for q in quants.values() for p in q.get("points", [])})
         bcolors = sequential_colors(bits, "rocket", 0.15, 0.75)
@@ -233,7 +233,7 @@ def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
             ax.set_title(name + (" (no super weight)" if _no_sw(q) else ""), fontsize="medium")
             blocks = _block_order(p["block"] for p in q.get("points", []))
             if not blocks:
-                _no_data(ax, "no quantization points")
+                no_data(ax, "no quantization points")
                 continue
             for (b, method), g in pd.DataFrame(q["points"]).groupby(["bits", "method"], sort=True):
                 g = g.assign(pos=[blocks.index(v) for v in g.block]).sort_values("pos")
@@ -250,7 +250,7 @@ def plot_sw_quantize(quants: dict[str, dict]) -> Figure:
         handles += [Line2D([], [], color="0.3", ls=SW_METHOD_STYLE[m][0], marker=SW_METHOD_STYLE[m][1], ms=3.5,
                            label=SW_METHOD_STYLE[m][2]) for m in methods]
         handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label="unquantized"))
-        _legend(fig, handles)
+        side_legend(fig, handles)
     return fig
 
 
@@ -279,11 +279,11 @@ def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT
     """Do super activations emerge in our models? The detector's spike ratios (input, output) against tokens seen
     (one line per run) and against N (each run's last evaluation, mean over seeds), by S and precision."""
     with theme():
-        fig, axes = _figure(2, 2, (7.6, 5.2))
+        fig, axes = figure_grid(2, 2, (7.6, 5.2))
         c = spike_curves(curves)
         if c is None:
             for ax in axes.flat:
-                _no_data(ax, NO_SPIKES)
+                no_data(ax, NO_SPIKES)
             return fig
         colors = s_colors(c.sparsity)
         last = spike_last_rows(c)
@@ -298,7 +298,7 @@ def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT
             ax = axes[row, 1]
             pts = last.dropna(subset=[col, "n_params"]) if "n_params" in last else last.iloc[:0]
             if pts.empty:
-                _no_data(ax, "no N (n_params)\nin curves.csv")
+                no_data(ax, "no N (n_params)\nin curves.csv")
             for (prec, s), g in pts.groupby(["precision", "sparsity"], sort=True):
                 m = g.groupby("n_params", sort=True)[col].mean()
                 ax.plot(m.index, m.values, color=colors[s], ls=PRECISION_STYLE.get(prec, ":"), lw=1.0, marker="s", ms=3)
@@ -313,7 +313,7 @@ def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT
         handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, label=PRECISION_LABEL[p])
                     for p in PRECISIONS if (c.precision == p).any()]
         handles.append(Line2D([], [], color="0.4", ls=":", lw=0.9, label=f"detection threshold ({threshold:g})"))
-        _legend(fig, handles, title="ratio to the median layer")
+        side_legend(fig, handles, title="ratio to the median layer")
     return fig
 
 
