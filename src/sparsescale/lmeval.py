@@ -242,7 +242,9 @@ def evaluate(model_dir: str, data_dir: str, n_prompts: int = 200, n_docs: int = 
 
 def plot_accuracy(runs: pd.DataFrame):
     """Last-word accuracy against N (log axis), one line per S, one panel per precision."""
-    from sparsescale.plots import N_LABEL, _figure, n_label, s_colors, s_label
+    from matplotlib.ticker import NullFormatter
+
+    from sparsescale.plots import N_LABEL, figure_grid, s_colors, s_label
 
     col = "lmeval_lastword_acc"
     if col not in runs.columns or runs[col].isna().all():
@@ -250,7 +252,7 @@ def plot_accuracy(runs: pd.DataFrame):
                         "(lmeval.enabled: true in the config) and aggregate again")
     ok = runs[runs[col].notna() & (runs.get("mode", "scratch") == "scratch")]
     precs = sorted(ok["precision"].astype(str).unique())
-    fig, axes = _figure(1, len(precs), (4.2 * len(precs), 3.4))
+    fig, axes = figure_grid(1, len(precs), (4.2 * len(precs), 3.4))
     colors = s_colors(sorted(ok["sparsity"].unique()))
     for ax, prec in zip(axes[0], precs):
         sub = ok[ok["precision"].astype(str) == prec]
@@ -258,11 +260,15 @@ def plot_accuracy(runs: pd.DataFrame):
             g = g.groupby("n_params", as_index=False)[col].mean().sort_values("n_params")
             ax.plot(g["n_params"], g[col], "o-", color=colors[s], label=s_label(s))
         ax.set_xscale("log")
+        ns = sorted(sub["n_params"].unique())
+        ax.set_xticks(ns, [f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" for n in ns])  # the sizes run
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        top = max(0.05, 1.15 * float(ok[col].max()))  # accuracy: from 0 (points at 0 stay visible), room above
+        ax.set_ylim(-0.03 * top, top)
         ax.set_xlabel(N_LABEL)
         ax.set_title("full precision" if prec == "fp" else "BitNet b1.58")
-        ax.xaxis.set_major_formatter(lambda x, _: n_label(x))
     axes[0][0].set_ylabel("last-word accuracy (lm-eval, held-out)")
-    axes[0][-1].legend(title="S", fontsize=8)
+    axes[0][-1].legend(fontsize=8)
     return fig
 
 
