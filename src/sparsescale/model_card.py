@@ -92,6 +92,7 @@ tokenizer = AutoTokenizer.from_pretrained(path)
 With sparsescale installed, `sparsescale.model.load(path)` gives the same model (same loss) with its CPU
 kernels. The Q-Sparse settings are in `config.json` (`qsparse`); the training facts in `sparsescale_training`.
 
-Evaluate with lm-evaluation-harness: `sparsescale lm-eval --model PATH --data DATASET --out scores.json`, or
-`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True --tasks ...`.
+Evaluate with lm-evaluation-harness: `sparsescale lm-eval --model PATH --data DATASET --out scores.json` (model
+type `sparsescale`). lm-eval's own `hf` model needs `trust_remote_code=True` in `--model_args` to evaluate this
+model rather than the dense network.
 """
