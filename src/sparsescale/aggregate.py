@@ -74,7 +74,7 @@ def aggregate(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, curves_df
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
+def write_csv(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.10g")
 
@@ -93,8 +93,8 @@ def cli_aggregate(argv: list[str]) -> int:
     dirs = sorted({(Path(r).parent if Path(r).name.endswith(".json") else Path(r)) for r in a.runs})
     runs, curves = aggregate(dirs)
     out = Path(a.out)
-    _write_csv(runs, out / "runs.csv")
-    _write_csv(curves, out / "curves.csv")
+    write_csv(runs, out / "runs.csv")
+    write_csv(curves, out / "curves.csv")
     bad = runs[runs["status"] != "ok"]
     print(f"aggregated {len(runs) - len(bad)} finished runs into {out / 'runs.csv'}"
           + (f"; not finished: {', '.join(bad['run_id'])}" if len(bad) else ""))
