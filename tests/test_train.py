@@ -61,6 +61,9 @@ def test_val_loss_falls_clearly_on_real_text(data_dir, tmp_path):
     assert set(phases) == set(T.Clock.PHASES) and phases["startup"] == 0.0  # called in-process: no start-up
     assert all(v >= 0 for v in phases.values()) and phases["steps"] > 0 and phases["save"] > 0
     assert final["wall_seconds"] == pytest.approx(sum(phases.values()), rel=0.05)
+    cores = final["phase_core_seconds"]
+    assert set(cores) == set(phases) and cores["steps"] > 0
+    assert final["core_seconds"] == pytest.approx(sum(cores.values()), rel=0.05)
     assert 0 < final["wall_time_s"] < final["wall_seconds"]
     assert 0 < final["core_seconds"] < 4 * final["wall_seconds"]  # threads=1 (+ a few helper threads)
 
@@ -214,3 +217,20 @@ def test_run_id_one_pattern():
     assert run_id("d4", "0.5", "fp", "1", "continue", block=8) == "d4-s0.50-bfp-seed1-nm8-continue"
     c = TrainConfig(size="d3", sparsity=0.125, precision="fp", seed=2, block=16, mode="finetune", init_from="m")
     assert c.run_id == "d3-s0.12-bfp-seed2-nm16-finetune" == run_id("d3", 0.125, "fp", 2, "finetune", 16)
+
+
+def test_cli_eval_out_remeasures_the_saved_model_in_process(data_dir, tmp_path):
+    from sparsescale.evaluate import evaluate_checkpoint
+
+    run = tmp_path / "r"
+    rc = cli(["train", "--data", str(data_dir), "--out", str(run), "--size", "d1", "--sparsity", "0.5",
+              "--tokens", str(8 * 64 * 12), "--seq-len", "64", "--batch-size", "8", "--eval-tokens", "2048",
+              "--threads", "1", "--eval-out", str(run / "eval.json")])
+    assert rc == 0
+    final, ev = json.loads((run / "final.json").read_text()), json.loads((run / "eval.json").read_text())
+    assert ev["model"] == str(run / "model") and ev["eval_tokens"] == 2048 and ev["seq_len"] == 64
+    assert ev["val_loss"] == pytest.approx(final["val_loss"], abs=1e-5)  # the saved model, loaded from disk
+    again = evaluate_checkpoint(str(run / "model"), str(data_dir), 2048, 64)  # what `sparsescale eval` writes
+    assert {k: v for k, v in again.items() if k != "versions"} == {k: v for k, v in ev.items() if k != "versions"}
+    assert final["phase_seconds"]["startup"] > 0  # the CLI counts the process's start-up in the run's cost
+    assert final["wall_seconds"] > final["phase_seconds"]["startup"] and final["core_seconds"] > 0

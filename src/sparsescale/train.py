@@ -9,7 +9,7 @@ Features
   Llama-style path, convert it, keep training; a SiLU model keeps SiLU), finetune (start from a checkpoint with
   a small learning rate on another dataset).
 - AdamW (0.9, 0.95), weight decay on matrices only, linear warm-up + cosine decay, gradient clipping,
-  gradient accumulation; bf16 autocast (`autocast`, and optional torch.compile) on CUDA, fp32 on CPU.
+  gradient accumulation; bf16 autocast (`validation.autocast`, and optional torch.compile) on CUDA, fp32 on CPU.
 - Token budget fixed or proportional to N; validation loss (nats/token) on a fixed set at intervals and at
   the end (the last step's measurement is the final one: it is not repeated); measured sparsity per
   projection; a progress bar with loss and tokens/s.
@@ -18,8 +18,8 @@ Features
   (seed, step), so a resumed run equals an uninterrupted one bit for bit on CPU. Checkpoints carry the run's
   time so far, so the times of a resumed run cover all of it.
 - Cost in final.json: `wall_time_s` (the training loop), `wall_seconds` (the whole process, start-up included)
-  and `core_seconds` (process CPU time, all threads, summed over ranks), `phase_seconds` (start-up, setup,
-  steps, validation, checkpoints, final evaluation, save).
+  and `core_seconds` (process CPU time, all threads, summed over ranks); per phase (start-up, setup, steps,
+  validation, checkpoints, final evaluation, save) `phase_seconds` (wall) and `phase_core_seconds` (CPU, rank 0).
 - A NaN/inf loss stops the run with a clear message (exit 3) and leaves no final.json.
 - Output in results/runs/{run_id}/: config.json, metrics.jsonl, final.json (written last: it marks the run
   complete), model/ (HF checkpoint, safetensors).
@@ -27,7 +27,10 @@ Features
   through torchrun (srun + torchrun across SLURM nodes); DDP or FSDP (`distributed.py`); the global batch stays
   batch_size x seq_len tokens whatever the number of processes; checkpoints hold full state dicts, so a run
   resumes on any number of processes; only rank 0 writes files.
-- CLI: every TrainConfig field is a flag whose --help is the field's docstring (`config.field_docs`).
+- CLI: every TrainConfig field is a flag whose --help is the field's docstring (`config.field_docs`);
+  `--eval-out eval.json` then re-measures the saved model, loaded from disk (`evaluate.evaluate_checkpoint`,
+  what `sparsescale eval` writes), in the same process: the workflow's one process per run.
+- The loss and the validation loss live in `validation.py` (shared with `sparsescale eval`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
@@ -54,7 +56,9 @@ from sparsescale import model as M
 from sparsescale import qsparse as Q
 from sparsescale.config import TrainConfig, count_params, field_docs, get_size
 from sparsescale.errors import TrainingDiverged, UserError
+from sparsescale.evaluate import evaluate_checkpoint
 from sparsescale.io import atomic_path, read_json, sha256_file, versions, write_json
+from sparsescale.validation import autocast, evaluate_loss, lm_loss
 
 GROUPS = ("qkv", "o", "gate_up", "down")  # projection groups of measured sparsity (qsparse.PROJECTION_GROUPS)
 
@@ -71,11 +75,6 @@ def pick_device(name: str) -> str:
     return name
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU trains and evaluates in fp32)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
     warm = max(1, int(round(cfg.warmup_frac * total)))
@@ -90,41 +89,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
-
-
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats/token. x, y: (B, T)."""
-    logits = model(input_ids=x).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-@torch.no_grad()
-def evaluate_loss(model, val_tokens, n_tokens: int, seq_len: int, batch_size: int, device: str, ctx=None) -> float:
-    """Validation loss (nats/token) over the fixed first `n_tokens` tokens of the validation split.
-
-    With several processes (`ctx`) rank r evaluates batches r, r+W, ... and the sums are all-reduced; every
-    rank runs the same number of forwards (FSDP's are collective), the last round padded with a repeat."""
-    ctx = ctx or dist.Context()
-    was = model.training
-    model.eval()
-    total, count, mine, first = 0.0, 0, 0, None
-    for i, (x, y) in enumerate(D.val_batches(val_tokens, n_tokens, seq_len, batch_size)):
-        first = first or (x, y)
-        if i % ctx.world_size != ctx.rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            loss = lm_loss(model, x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
-        mine += 1
-    for _ in range(mine, math.ceil((i + 1) / ctx.world_size)):  # padding forwards, results unused
-        with autocast(device):
-            lm_loss(model, first[0].to(device), first[1].to(device))
-    total, count = dist.sum_over_ranks([total, count], ctx)
-    model.train(was)
-    return total / count
-
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, token_ids: dict) -> torch.nn.Module:
@@ -213,17 +177,19 @@ class Clock:
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         self.startup = startup
         self.before = {"wall_time_s": 0.0, "wall_seconds": 0.0, "core_seconds": 0.0}
-        self.phase = dict.fromkeys(self.PHASES, 0.0)
-        self.phase["startup"] = startup[0]
+        self.phase = dict.fromkeys(self.PHASES, 0.0)  # wall seconds
+        self.phase_core = dict.fromkeys(self.PHASES, 0.0)  # CPU seconds of this process (all threads)
+        self.phase["startup"], self.phase_core["startup"] = startup
         self.loop = [None, None]  # perf_counter at the start and end of the training loop
 
     @contextlib.contextmanager
     def timed(self, name: str):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.phase[name] += time.perf_counter() - t
+            self.phase_core[name] += time.process_time() - cpu
 
     def loop_wall(self) -> float:
         """Wall time of the training loop (steps, validation, checkpoints), earlier sessions included."""
@@ -421,6 +387,7 @@ def final_record(cfg: TrainConfig, run: Plan, row: dict, start: int, clock: Cloc
         "seq_len": cfg.seq_len, "block": cfg.block, "rescale": cfg.rescale, "vocab_size": run.vocab_size,
         "wall_time_s": times["wall_time_s"], "wall_seconds": times["wall_seconds"],
         "core_seconds": times["core_seconds"], "phase_seconds": dict(clock.phase),
+        "phase_core_seconds": dict(clock.phase_core),
         "device": run.device, "world_size": run.ctx.world_size, "resumed_from_step": start,
         **{k: v for k, v in row.items() if k != "val_loss" and not k.startswith("sparsity_measured")},
         "data": str(cfg.data), "data_sha256": run.meta.get("sha256", {}), "config": dataclasses.asdict(cfg),
@@ -442,10 +409,11 @@ def save(model, final: dict, run: Plan, cfg: TrainConfig) -> None:
         t, cpu = time.perf_counter(), time.process_time()
         tok = D.load_tokenizer(cfg.data) if (Path(cfg.data) / "tokenizer.json").exists() else None
         M.save(model, run.out / "model", tokenizer=tok)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         final["phase_seconds"]["save"] += wall
+        final["phase_core_seconds"]["save"] += cpu
         final["wall_seconds"] += wall
-        final["core_seconds"] += time.process_time() - cpu
+        final["core_seconds"] += cpu
         write_json(run.out / "final.json", final)  # last: its presence marks the run complete
         for p in _ckpt_dir(run.out).glob("step_*"):
             p.unlink(missing_ok=True)
@@ -541,8 +509,12 @@ def cli_train(argv: list[str]) -> int:
                         help="processes per node, one per GPU (default 1); > 1 relaunches through torchrun")
     launch.add_argument("--nnodes", type=int, default=1,
                         help="nodes (default 1); > 1 needs a SLURM allocation of that many nodes")
+    p.add_argument("--eval-out", metavar="EVAL_JSON",
+                   help="then re-measure the saved model, loaded from disk, as `sparsescale eval` does, and write "
+                        "this eval.json (in this process: no second start-up)")
     a = p.parse_args(argv)
     nproc, nnodes = vars(a).pop("nproc_per_node"), vars(a).pop("nnodes")
+    eval_out = vars(a).pop("eval_out")
     cfg = config_from_args(a)
     if nproc * nnodes > 1 and not dist.under_torchrun():
         cfg.validate()  # bad input fails once, here, rather than once per process
@@ -558,4 +530,17 @@ def cli_train(argv: list[str]) -> int:
             write_json(failed, {"run_id": cfg.run_id, "status": "diverged", "error": str(err), "size": cfg.size,
                                 "mode": cfg.mode, "sparsity": cfg.sparsity, "precision": cfg.precision, "seed": cfg.seed})
         raise
+    if eval_out and int(os.environ.get("RANK", "0")) == 0:
+        reevaluate(cfg, eval_out)
     return 0
+
+
+def reevaluate(cfg: TrainConfig, eval_out: str) -> dict:
+    """`sparsescale eval` of the run's saved model (loaded from disk) on the training's validation set."""
+    model_dir = str(Path(cfg.out_dir) / "model")
+    device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    res = evaluate_checkpoint(model_dir, cfg.data, cfg.eval_tokens, cfg.seq_len, device=device)
+    write_json(eval_out, res)
+    print(f"{model_dir}: val_loss {res['val_loss']:.4f} nats/token, measured sparsity "
+          f"{res['sparsity_measured']:.3f} (eval.json)", file=sys.stderr)
+    return res

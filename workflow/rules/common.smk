@@ -108,7 +108,8 @@ TUNE_LR = f"{R}/tune/lr.json"
 
 def tune_runs():
     """Run directories of the tune stage: every size x precision at factor x train.lr, at the tuned sparsities
-    (default: 0 and the largest S of the sweep), on the sweep's budget unless tune.tokens says otherwise."""
+    (default: 0 and the largest S of the sweep), on the sweep's budget unless tune.tokens says otherwise.
+    """
     if not tuned():
         return []
     t, sw = config["tune"], config["sweep"]

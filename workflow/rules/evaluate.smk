@@ -1,27 +1,5 @@
-# Re-measure every saved checkpoint (loaded from disk) and collect all runs into the tables the fit reads.
-
-
-rule evaluate:
-    input:
-        final=f"{R}/runs/{{run}}/final.json",
-        model=f"{R}/runs/{{run}}/model",
-        data=DATA,
-    output:
-        f"{R}/runs/{{run}}/eval.json",
-    log:
-        "logs/evaluate/{run}.log",
-    conda:
-        ENV
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    params:
-        tokens=config["train"]["eval_tokens"],
-        seq_len=config["train"]["seq_len"],
-    shell:
-        "sparsescale eval --model {input.model} --data {input.data} --eval-tokens {params.tokens} "
-        "--seq-len {params.seq_len} --threads {threads} --out {output} > {log} 2>&1"
+# Collect all runs into the tables the fit reads. Every run's eval.json (its saved checkpoint re-measured,
+# loaded from disk) is written by its train job (train.smk: `sparsescale train --eval-out`).
 
 
 rule aggregate:

@@ -1,6 +1,7 @@
-# One job per N x S x precision x seed. final.json is written last by `sparsescale train`, so its presence
-# marks a complete run; checkpoints under results/runs/{id}/checkpoints are not declared outputs, so a rerun
-# of a killed job resumes from them.
+# One job per N x S x precision x seed. final.json is written last by the training, so its presence marks a
+# complete run; checkpoints under results/runs/{id}/checkpoints are not declared outputs, so a rerun of a
+# killed job resumes from them. The same process then re-measures the saved model, loaded from disk, into
+# eval.json (what `sparsescale eval` does; one process per run instead of two: no second start-up).
 # One definition for the three modes (rules train, train_continue, train_finetune): continue-training converts
 # the dense scratch run of the same size and keeps training (Mistral in miniature); finetuning starts from it
 # with a small learning rate, on another dataset if finetune.data says so. Every mode gets the same resources
@@ -17,6 +18,7 @@ for mode in MODES:  # scratch, continue, finetune
         output:
             final=run_path(mode, "final.json"),
             model=directory(run_path(mode, "model")),
+            eval=run_path(mode, "eval.json"),
         log:
             f"logs/train/{RUN_ID_PATTERN}{run_id_suffix(mode)}.log",
         benchmark:
@@ -36,4 +38,4 @@ for mode in MODES:  # scratch, continue, finetune
             launch=lambda wc, resources: launch_args(resources),
         shell:
             "sparsescale train {params.launch} --data {input.data} --out {params.out} {params.args} "
-            "{params.init} > {log} 2>&1"
+            "{params.init} --eval-out {output.eval} > {log} 2>&1"
