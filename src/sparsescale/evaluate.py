@@ -4,7 +4,7 @@ Features
 - Loads the checkpoint through `model.load` (Q-Sparse settings re-applied from its config.json), so the numbers
   check the saved model, not the training process's memory.
 - Validation loss (nats/token) on the first `eval_tokens` tokens of the validation split, exactly as training
-  measures it (`train.evaluate_loss`), and measured sparsity per projection averaged over several batches.
+  measures it (`validation.evaluate_loss`), and measured sparsity per projection averaged over several batches.
 - `--seq-len` and `--eval-tokens` default to the training's (config.json's `sparsescale_training`, else the
   run's final.json beside the checkpoint), so a bare `sparsescale eval` reproduces the training's val loss;
   a value that differs from the training's is printed as a note (the loss is then not comparable).
@@ -24,6 +24,7 @@ from sparsescale import model as M
 from sparsescale import qsparse as Q
 from sparsescale.errors import UserError
 from sparsescale.io import versions, write_json
+from sparsescale.validation import evaluate_loss
 
 
 FALLBACK_EVAL_TOKENS = 65536  # a checkpoint that records no training facts (not written by sparsescale train)
@@ -46,8 +47,6 @@ def eval_settings(model_dir: str, model, eval_tokens: int | None, seq_len: int |
 def evaluate_checkpoint(model_dir: str, data_dir: str, eval_tokens: int | None = None, seq_len: int | None = None,
                         batch_size: int = 8, sparsity_batches: int = 4, device: str = "cpu") -> dict:
     """eval_tokens / seq_len None: the training's (see `eval_settings`)."""
-    from sparsescale.train import evaluate_loss
-
     model = M.load(model_dir, dtype=torch.float32, device=device)
     settings = eval_settings(model_dir, model, eval_tokens, seq_len)
     eval_tokens, seq_len = settings["eval_tokens"], settings["seq_len"]
