@@ -57,6 +57,16 @@ def test_val_loss_falls_clearly_on_real_text(data_dir, tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
     # the last step's validation is the final one (measured once), and the run's cost is recorded
     assert vals[-1] == final["val_loss"] and metrics(tmp_path / "run")[-1]["step"] == 120
+    # every evaluation also logs the super-weight spike statistic (issue 14: do super activations emerge?)
+    evals = [m for m in metrics(tmp_path / "run") if "val_loss" in m]
+    assert [m["step"] for m in evals] == [40, 80, 120]
+    for m in evals:
+        assert m["spike_in_ratio"] > 0 and m["spike_out_ratio"] > 0 and m["spike_layer"] in (0, 1)  # d2: 2 layers
+    from sparsescale.aggregate import aggregate
+
+    _, curves = aggregate([tmp_path / "run"])
+    logged = curves.dropna(subset=["val_loss"])
+    assert logged["spike_in_ratio"].tolist() == [m["spike_in_ratio"] for m in evals]
     phases = final["phase_seconds"]
     assert set(phases) == set(T.Clock.PHASES) and phases["startup"] == 0.0  # called in-process: no start-up
     assert all(v >= 0 for v in phases.values()) and phases["steps"] > 0 and phases["save"] > 0

@@ -49,6 +49,10 @@ def _missing_row(run_dir: Path) -> dict:
             **{k: info.get(k) for k in ("size", "mode", "n_params", "sparsity", "precision", "seed")}}
 
 
+# per-evaluation values of metrics.jsonl carried into curves.csv (the spike statistic: superweight.detect.spike_stats)
+CURVE_VALUES = ["train_loss", "val_loss", "spike_in_ratio", "spike_out_ratio", "spike_layer"]
+
+
 def aggregate(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, curves = [], []
     for d in run_dirs:
@@ -61,7 +65,7 @@ def aggregate(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
                     if line.strip():
                         m = json.loads(line)
                         curves.append({**{k: row.get(k) for k in CURVE_KEYS}, "step": m["step"], "tokens": m["tokens"],
-                                       "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss")})
+                                       **{k: m.get(k) for k in CURVE_VALUES}})
         else:
             rows.append(_missing_row(d))
     if not rows:
@@ -69,7 +73,7 @@ def aggregate(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs = pd.DataFrame(rows)
     cols = [c for c in KEY_COLUMNS if c in runs.columns] + sorted(c for c in runs.columns if c not in KEY_COLUMNS)
     runs = runs[cols].sort_values("run_id", kind="stable").reset_index(drop=True)
-    curves_df = pd.DataFrame(curves, columns=CURVE_KEYS + ["step", "tokens", "train_loss", "val_loss"])
+    curves_df = pd.DataFrame(curves, columns=CURVE_KEYS + ["step", "tokens", *CURVE_VALUES])
     curves_df = curves_df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
     return runs, curves_df
 
@@ -98,4 +102,7 @@ def cli_aggregate(argv: list[str]) -> int:
     bad = runs[runs["status"] != "ok"]
     print(f"aggregated {len(runs) - len(bad)} finished runs into {out / 'runs.csv'}"
           + (f"; not finished: {', '.join(bad['run_id'])}" if len(bad) else ""))
+    if "core_seconds" in runs.columns and runs["core_seconds"].notna().any():
+        cs = runs["core_seconds"].dropna()
+        print(f"core-seconds per run: median {cs.median():.0f}, max {cs.max():.0f}, total {cs.sum():.0f} ({len(cs)} runs)")
     return 0

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsescale.config import check_sparsity, kept
+from sparsescale.config import PRECISIONS, check_sparsity, kept
 from sparsescale.errors import UserError
 from sparsescale.layout import PROJECTION_GROUPS, decoder_layers
 from sparsescale.numba_threads import numba_threads
 
-WEIGHT_BITS = ("fp", "1.58")
+WEIGHT_BITS = PRECISIONS  # "fp" | "1.58": the sweep's precisions are the weights' bit widths
 ACT_BITS = (None, 8)
 
 

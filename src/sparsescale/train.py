@@ -11,7 +11,8 @@ Features
 - AdamW (0.9, 0.95), weight decay on matrices only, linear warm-up + cosine decay, gradient clipping,
   gradient accumulation; bf16 autocast (`validation.autocast`, and optional torch.compile) on CUDA, fp32 on CPU.
 - Token budget fixed or proportional to N; validation loss (nats/token) on a fixed set at intervals and at
-  the end (the last step's measurement is the final one: it is not repeated); measured sparsity per
+  the end, each time with the super-weight spike statistic (`spike_in_ratio`, `spike_out_ratio`, `spike_layer`
+  of the first validation window) in metrics.jsonl (the last step's measurement is the final one: it is not repeated); measured sparsity per
   projection; a progress bar with loss and tokens/s.
 - Checkpoints written atomically with a sha256 sidecar every M steps; a rerun resumes from the latest
   checkpoint that verifies (a corrupted one is skipped with a warning). The batch stream is a pure function of
@@ -58,6 +59,7 @@ from sparsescale.config import TrainConfig, count_params, field_docs, get_size
 from sparsescale.errors import TrainingDiverged, UserError
 from sparsescale.evaluate import evaluate_checkpoint
 from sparsescale.io import atomic_path, read_json, sha256_file, versions, write_json
+from sparsescale.superweight.detect import spike_stats
 from sparsescale.validation import autocast, evaluate_loss, lm_loss
 
 GROUPS = ("qkv", "o", "gate_up", "down")  # projection groups of measured sparsity (qsparse.PROJECTION_GROUPS)
@@ -346,18 +348,27 @@ class MetricsLog:
         if self.file:
             self.file.close()
 
-    def step(self, done: int, loss: float, lr: float, val_loss: float | None) -> None:
+    def step(self, done: int, loss: float, lr: float, val_loss: float | None, extra: dict | None = None) -> None:
         self.tok_seen += self.run.tokens_per_step
         if self.main and (val_loss is not None or done % self.cfg.log_every == 0 or done == self.run.steps):
             rec = {"step": done, "tokens": done * self.run.tokens_per_step, "train_loss": loss, "lr": lr}
             if val_loss is not None:
                 rec["val_loss"] = val_loss
+            rec.update(extra or {})
             elapsed = time.perf_counter() - self.t0
             rec["tokens_per_s"] = self.tok_seen / elapsed if elapsed > 0 else None
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}", refresh=False)
         self.bar.update(1)
+
+
+def spike_row(model, run: Plan, cfg: TrainConfig) -> dict:
+    """The super-weight detector's statistic at this point of training (one forward of the first validation
+    window, no gradients): do super activations emerge, and does Top-K keep them? -> spike_* of metrics.jsonl."""
+    ids = torch.as_tensor(run.val_tokens[: cfg.seq_len].astype("int64"))[None].to(run.device)
+    with autocast(run.device):
+        return spike_stats(model, ids)
 
 
 def evaluate(model, run: Plan, cfg: TrainConfig, val_loss: float | None = None) -> dict:
@@ -408,7 +419,7 @@ def save(model, final: dict, run: Plan, cfg: TrainConfig) -> None:
     if run.ctx.is_main:
         t, cpu = time.perf_counter(), time.process_time()
         tok = D.load_tokenizer(cfg.data) if (Path(cfg.data) / "tokenizer.json").exists() else None
-        M.save(model, run.out / "model", tokenizer=tok)
+        M.save(model, run.out / "model", tokenizer=tok, training=final)
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         final["phase_seconds"]["save"] += wall
         final["phase_core_seconds"]["save"] += cpu
@@ -444,11 +455,12 @@ def train(cfg: TrainConfig, startup: tuple[float, float] = (0.0, 0.0)) -> dict:
             with clock.timed("steps"):
                 loss, lr = train_step(step_model, opt, step, run, cfg)
             done = step + 1
-            val_loss = None
+            val_loss, extra = None, None
             if done % run.eval_every == 0 or done == run.steps:
                 with clock.timed("validation"):
                     val_loss = validation_loss(model, run, cfg)
-            log.step(done, loss, lr, val_loss)
+                    extra = spike_row(model, run, cfg)
+            log.step(done, loss, lr, val_loss, extra)
             if done % run.ckpt_every == 0 and done < run.steps:
                 with clock.timed("checkpoints"):
                     checkpoint(model, opt, done, run, cfg, clock)

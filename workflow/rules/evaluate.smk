@@ -10,7 +10,7 @@ rule aggregate:
         runs=f"{R}/tables/runs.csv",
         curves=f"{R}/tables/curves.csv",
     log:
-        "logs/aggregate.log",
+        f"{R}/logs/aggregate.log",
     conda:
         ENV
     params:

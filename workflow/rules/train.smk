@@ -20,9 +20,9 @@ for mode in MODES:  # scratch, continue, finetune
             model=directory(run_path(mode, "model")),
             eval=run_path(mode, "eval.json"),
         log:
-            f"logs/train/{RUN_ID_PATTERN}{run_id_suffix(mode)}.log",
+            f"{R}/logs/train/{RUN_ID_PATTERN}{run_id_suffix(mode)}.log",
         benchmark:
-            f"logs/benchmarks/train/{RUN_ID_PATTERN}{run_id_suffix(mode)}.tsv"
+            f"{R}/logs/benchmarks/train/{RUN_ID_PATTERN}{run_id_suffix(mode)}.tsv"
         conda:
             ENV
         threads: lambda wc: train_resources(wc.size, "threads")

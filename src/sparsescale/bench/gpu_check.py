@@ -27,6 +27,7 @@ from sparsescale.bench import decode as bench_decode_mod, gemv as bench_gemv_mod
 from sparsescale.bench.timing import interleaved_median_ms
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_write_text, versions, write_json
+from sparsescale.validation import autocast
 
 # dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
@@ -56,7 +57,7 @@ def train_rows(size: str, vocab: int, seq: int, batch: int, repeats: int, device
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
         def step(m=m, opt=opt):
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            with autocast(device):
                 loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()

@@ -15,13 +15,14 @@ import argparse
 import torch
 
 from sparsescale.bench.timing import interleaved_median_ms
-from sparsescale.config import ModelArgs
+from sparsescale.config import PRECISIONS, ModelArgs
+from sparsescale.validation import autocast
 from sparsescale.io import write_json
 
 
 def _step_fn(model, ids, opt, device):
     def step():
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        with autocast(device):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -61,7 +62,7 @@ def bench_train_step(argv: list[str]) -> int:
     for args, seq, bs in shapes:
         d, nl = args.d_model, args.n_layers
         ids = torch.randint(0, a.vocab_size, (bs, seq), device=a.device)
-        variants = [(wb, s) for wb in ("fp", "1.58") for s in [0.0, *a.sparsity]]
+        variants = [(wb, s) for wb in PRECISIONS for s in [0.0, *a.sparsity]]
         fns = {}
         dense = M.build(args, a.vocab_size, max_seq_len=seq, seed=0).to(a.device)
         fns["dense"] = _step_fn(dense, ids, torch.optim.AdamW(dense.parameters(), lr=1e-4), a.device)
