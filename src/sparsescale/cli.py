@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from sparsescale import __version__
 from sparsescale.errors import TrainingDiverged, UserError
 
 # name -> (module, function, one-line help)
@@ -47,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from sparsescale import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

@@ -35,8 +35,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sparsescale.errors import UserError
+from sparsescale.layout import decoder_layers
 
 DEFAULT_PORT = 29500
 LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes")
@@ -120,6 +123,8 @@ def relaunch(nproc_per_node: int, nnodes: int, argv: list[str]) -> None:
 
 def record(fn):
     """torchrun's error recorder: the failing rank's exception appears in torchrun's final summary."""
+    # deferred on purpose (as the FSDP and distributed-checkpoint imports below): these torch.distributed
+    # submodules are slow to import and only multi-process runs need them
     from torch.distributed.elastic.multiprocessing.errors import record as _record
 
     return _record(fn)
@@ -145,8 +150,6 @@ def init(device: str = "auto") -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Context()
-    import torch.distributed as dist
-
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and device != "cpu":
         if local >= torch.cuda.device_count():
@@ -169,16 +172,12 @@ def wrap(model: torch.nn.Module, ctx: Context, cfg) -> torch.nn.Module:
     if cfg.distributed == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from sparsescale.layout import decoder_layers
-
         cuda = ctx.device.startswith("cuda")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
         for layer in decoder_layers(model):  # one all-gather per layer: only one layer is ever unsharded
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # embeddings, final norm, LM head
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None)
 
 
@@ -199,8 +198,6 @@ def no_sync_unless_last(model, last: bool):
 def sum_over_ranks(values: list[float], ctx: Context) -> list[float]:
     if ctx.world_size == 1:
         return list(values)
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.tolist()
@@ -218,8 +215,6 @@ def clip_grad_norm(model, max_norm: float):
 
 def finish(ctx: Context) -> None:
     if ctx.world_size > 1:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -63,7 +63,7 @@ class SparseScaleLM(LM):
     def __init__(self, pretrained: str, batch_size: int | str = 16, device: str = "cpu", max_length=None,
                  tokenizer: str | None = None, **_):
         super().__init__()
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: transformers costs seconds
 
         self.model = M.load(pretrained, dtype=torch.float32, device=device).eval()
         self.tok = AutoTokenizer.from_pretrained(tokenizer or pretrained)
@@ -215,7 +215,7 @@ def write_tasks(data_dir: str, out: Path, n_prompts: int = 200, n_docs: int = 20
 def evaluate(model_dir: str, data_dir: str, n_prompts: int = 200, n_docs: int = 20, batch_size: int = 16,
              device: str = "cpu", limit: int | None = None) -> dict:
     """lm-eval's simple_evaluate on the three local tasks; the content of lmeval.json."""
-    import lm_eval
+    import lm_eval  # deferred on purpose: optional (the dev extra) and slow to import
 
     if not (Path(data_dir) / "meta.json").is_file():
         raise UserError(f"{data_dir} is not a prepared dataset (no meta.json): pass the folder `sparsescale "
@@ -242,9 +242,9 @@ def evaluate(model_dir: str, data_dir: str, n_prompts: int = 200, n_docs: int = 
 
 def plot_accuracy(runs: pd.DataFrame):
     """Last-word accuracy against N (log axis), one line per S, one panel per precision."""
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # deferred: matplotlib only for the figure
 
-    from sparsescale.plots import N_LABEL, figure_grid, s_colors, s_label
+    from sparsescale.plots import N_LABEL, figure_grid, s_colors, s_label  # deferred: matplotlib
 
     col = "lmeval_lastword_acc"
     if col not in runs.columns or runs[col].isna().all():
@@ -274,7 +274,7 @@ def plot_accuracy(runs: pd.DataFrame):
 
 def save_accuracy_figure(runs_csv: str, out: str) -> None:
     """plot_accuracy of a runs.csv, built and saved under the figures' theme, written atomically."""
-    from sparsescale.plots import PNG_METADATA, theme
+    from sparsescale.plots import PNG_METADATA, theme  # deferred: matplotlib only for the figure
 
     with theme():
         fig = plot_accuracy(pd.read_csv(runs_csv))

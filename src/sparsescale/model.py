@@ -39,7 +39,7 @@ AUTO_MAP = {"AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.SparseScaleForCausalLM"
 
 def llama_config(args: ModelArgs, vocab_size: int, max_seq_len: int = 2048, hidden_act: str = "relu2",
                  bos_token_id: int | None = None, eos_token_id: int | None = None):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # deferred on purpose: transformers costs ~3 s; `sparsescale sizes` needs none
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn_dim,
@@ -53,7 +53,7 @@ def llama_config(args: ModelArgs, vocab_size: int, max_seq_len: int = 2048, hidd
 def build(size: str | ModelArgs, vocab_size: int, max_seq_len: int = 2048, hidden_act: str = "relu2",
           seed: int | None = None, **token_ids) -> nn.Module:
     """A freshly initialised LlamaForCausalLM of a named size (fp32, eval mode off)."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # deferred: see llama_config
 
     args = get_size(size) if isinstance(size, str) else size
     if vocab_size < 2:
@@ -91,7 +91,7 @@ def _is_checkpoint(path: Path) -> bool:
 
 def load(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | None = None) -> nn.Module:
     """Load a causal LM checkpoint (local path, or a hub name where a hub is reachable) and re-apply Q-Sparse."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: see llama_config
 
     p = Path(path)
     if p.exists() and not _is_checkpoint(p):

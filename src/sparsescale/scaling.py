@@ -119,7 +119,7 @@ def one_blas_thread(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            from threadpoolctl import threadpool_limits
+            from threadpoolctl import threadpool_limits  # optional: without it the call runs unchanged
         except ImportError:
             return fn(*args, **kwargs)
         with threadpool_limits(limits=1, user_api="blas"):

@@ -69,7 +69,7 @@ def bench_decode(argv: list[str]) -> int:
     p.add_argument("--out", help="write the rows here (CSV); machine and versions go to the same name + .json")
     a = p.parse_args(argv)
 
-    from sparsescale import kernels as K, model as M, qsparse as Q
+    from sparsescale import kernels as K, model as M, qsparse as Q  # deferred: numba thread settings after --threads
 
     if a.threads:
         torch.set_num_threads(a.threads)

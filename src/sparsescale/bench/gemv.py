@@ -45,7 +45,7 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
+    import platform  # deferred: only where /proc/cpuinfo is missing
 
     return platform.processor() or "unknown"
 
@@ -77,7 +77,7 @@ def _rotating(fn, inputs):
 
 def _union_rows(sw, w, d_in, dtype_name, s, batches, repeats, g):
     """Batch > 1 at sparsity s: dense F.linear vs the union-of-actives kernel (selection included)."""
-    from sparsescale import kernels as K
+    from sparsescale import kernels as K  # deferred on purpose: numba reads its thread settings at import, after --threads
     from sparsescale.qsparse import topk_sparsify
 
     rows = []
@@ -111,7 +111,7 @@ def bench_gemv(argv: list[str]) -> int:
     p.add_argument("--out", help="write the rows here (CSV); machine and versions go to the same name + .json")
     a = p.parse_args(argv)
 
-    from sparsescale import kernels as K
+    from sparsescale import kernels as K  # deferred on purpose: numba reads its thread settings at import, after --threads
 
     if a.threads:
         torch.set_num_threads(a.threads)

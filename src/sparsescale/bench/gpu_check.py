@@ -44,7 +44,7 @@ def peak_tflops(name: str) -> float:
 
 def train_rows(size: str, vocab: int, seq: int, batch: int, repeats: int, device: str, peak: float) -> list[dict]:
     """Step time, tokens/s and MFU of dense and Q-Sparse (fp, 1.58-bit) at S=0.5, interleaved."""
-    from sparsescale import model as M, qsparse as Q
+    from sparsescale import model as M, qsparse as Q  # deferred: transformers costs seconds; --dry-run/--help stay fast
 
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     variants = {"dense": None, "qsparse fp S=0.5": ("fp", None), "qsparse 1.58 S=0.5": ("1.58", 8)}
@@ -74,7 +74,7 @@ def train_rows(size: str, vocab: int, seq: int, batch: int, repeats: int, device
 
 
 def _csv_rows(path: str) -> list[dict]:
-    import csv
+    import csv  # deferred: only the dry run reads CSVs back
 
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -121,7 +121,7 @@ def bench_gpu_check(argv: list[str]) -> int:
         if not torch.cuda.is_available():
             raise UserError("gpu-check needs CUDA: torch.cuda.is_available() is False on this machine "
                             f"(torch {torch.__version__}); run it on a GPU machine, or pass --dry-run to check the flow")
-        from sparsescale.kernels import HAVE_TRITON
+        from sparsescale.kernels import HAVE_TRITON  # deferred: imports triton, on a CUDA machine only
 
         if not HAVE_TRITON:
             raise UserError("gpu-check needs triton for the fused sparse GEMV: it is in the dev extra "

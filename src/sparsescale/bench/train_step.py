@@ -44,7 +44,7 @@ def bench_train_step(argv: list[str]) -> int:
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
 
-    from sparsescale import model as M, qsparse as Q
+    from sparsescale import model as M, qsparse as Q  # deferred: transformers costs seconds; --help stays fast
     from sparsescale.config import get_size
 
     if a.sizes:

@@ -225,7 +225,7 @@ _HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet
 def hf_corpus(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
               max_docs: int | None = None) -> Corpus:
     """A HF dataset: a `save_to_disk` directory, local data files (glob), or a hub name (streamed)."""
-    import datasets
+    import datasets  # deferred on purpose: optional and slow to import; only the hf source needs it
 
     path, files = Path(name), sorted(glob.glob(os.path.expanduser(name)))
     inputs: list[dict] = []
