@@ -300,6 +300,8 @@ def plot_optimal_sparsity(fits: dict) -> Figure:
 
 def plot_activated(runs: pd.DataFrame, fits: dict) -> Figure:
     """At equal activated parameters N_a = N(1−S), sparse models beat dense ones; the frontier sits at S*."""
+    # figure 1's layout on the N_a axis (the law as a function of N_a = N (1-S)): two readable figure functions
+    # rather than one with switches
     runs = fit_runs(runs)
     cells = seed_cells(runs)
     cells["n_active"] = cells.n_params * (1.0 - cells.sparsity)

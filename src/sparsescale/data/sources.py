@@ -202,21 +202,9 @@ def files_corpus(patterns: list[str] | str, text_field: str = "text") -> Corpus:
 
 
 def _jsonl_documents(text: str, text_field: str, path: Path) -> list[str]:
-    docs = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{i} is not valid JSON ({err}): one JSON object per line") from None
-        value = row.get(text_field) if isinstance(row, dict) else None
-        if not isinstance(value, str):
-            keys = list(row) if isinstance(row, dict) else type(row).__name__
-            raise UserError(f"{path}:{i} has no string field {text_field!r} (found {keys}): pass --text-field")
-        if value.strip():
-            docs.append(value)
-    return docs
+    """The documents of a whole JSONL text: one object per line (the streaming source reads it line by line)."""
+    docs = (_jsonl_line(line.encode("utf-8"), text_field, path, i) for i, line in enumerate(text.splitlines(), 1))
+    return [d for d in docs if d is not None]
 
 
 _HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
