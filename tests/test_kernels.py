@@ -58,7 +58,7 @@ def test_parallel_kernel_default_tiles():
     # fp32 only: bf16 shares every line but the widening, tested with the serial kernel (one compile less)
     w, x = _case(301, 1500, torch.float32, seed=4)
     sw = K.SparseWeight(w, "numba", threads=2)
-    assert K.tiles(1500, 2) == (2, 1) and K.tiles(700, 2) == (1, 2)
+    assert K.column_tiles(1500, 2) == (2, 1) and K.column_tiles(700, 2) == (1, 2)
     y, n = sw(x, k=150)
     ref = _dense_masked(w, x, Q.topk_sparsify(x.float(), 150) != 0)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -13,7 +13,7 @@ One tie rule everywhere: exact top-K of |x| keeps all entries above the K-th mag
 position (`qsparse.topk_mask`), for every backend and dtype.
 """
 
-from sparsescale.kernels.cpu import HAVE_NUMBA, tiles, hugepage_copy, hugepage_empty, hugepage_linears
+from sparsescale.kernels.cpu import HAVE_NUMBA, column_tiles, hugepage_copy, hugepage_empty, hugepage_linears
 from sparsescale.kernels.decode import (MODES, SparseDecode, calibrate_thresholds, disable_sparse_decode,
                                         enable_sparse_decode)
 from sparsescale.kernels.gpu import HAVE_TRITON, INTERPRET
@@ -21,6 +21,6 @@ from sparsescale.kernels.weight import (BACKENDS, NONZERO, THRESHOLD, TOPK, Spar
                                         select_mask, union_gemm)
 
 __all__ = ["BACKENDS", "HAVE_NUMBA", "HAVE_TRITON", "INTERPRET", "MODES", "NONZERO", "THRESHOLD", "TOPK",
-           "SparseDecode", "SparseWeight", "tiles", "calibrate_thresholds", "disable_sparse_decode",
+           "SparseDecode", "SparseWeight", "column_tiles", "calibrate_thresholds", "disable_sparse_decode",
            "enable_sparse_decode", "hugepage_copy", "hugepage_empty", "hugepage_linears", "resolve_backend", "select_mask",
            "union_gemm"]

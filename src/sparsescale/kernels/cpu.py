@@ -221,7 +221,7 @@ if HAVE_NUMBA:
         return n
 
 
-def tiles(d_out: int, threads: int) -> tuple[int, int]:
+def column_tiles(d_out: int, threads: int) -> tuple[int, int]:
     """(column blocks, active-list slices): columns while every thread still gets >= 512 of them (contiguous
     runs of >= 2 KiB per row); narrow outputs split the active rows instead (partial sums, added at the end)."""
     if threads <= 1:
@@ -236,7 +236,7 @@ def sparse_gemv_cpu(flat: np.ndarray, d_out: int, x: np.ndarray, how: int, k: in
                     threads: int | None = None, tiles: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
     """(y (d_out,) fp32, n active) for one token x (D_in,) fp32; flat: W^T as (D_in * d_out,) fp32 or uint16."""
     threads = numba_threads(threads)
-    n_col, n_split = tiles or tiles(d_out, threads)
+    n_col, n_split = tiles or column_tiles(d_out, threads)
     kernel = _sparse_gemv_parallel if threads > 1 else _sparse_gemv_serial
     y = np.empty(d_out, np.float32)
     n = kernel(flat, d_out, x, how, k, thr, idx, y, n_col, n_split)

@@ -140,5 +140,5 @@ def union_gemm(sw: SparseWeight, xs: torch.Tensor, n_col: int | None = None) -> 
         raise UserError(f"union_gemm needs a SparseWeight with the numba backend: got {sw.backend!r}")
     x2 = xs.detach().reshape(-1, sw.d_in).float().contiguous().numpy()
     y, n = cpu.union_gemm_cpu(sw._flat, sw.d_out, x2, sw._idx,
-                              n_col or cpu.tiles(sw.d_out, numba_threads(sw.threads))[0])
+                              n_col or cpu.column_tiles(sw.d_out, numba_threads(sw.threads))[0])
     return torch.from_numpy(y), n
