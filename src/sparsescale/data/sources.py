@@ -210,13 +210,12 @@ def _jsonl_documents(text: str, text_field: str, path: Path) -> list[str]:
 _HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def hf_corpus(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
-              max_docs: int | None = None) -> Corpus:
-    """A HF dataset: a `save_to_disk` directory, local data files (glob), or a hub name (streamed)."""
+def _open_hf(name: str, config: str | None, split: str):
+    """(dataset, loader kind, path, local files) for --hf NAME: a `save_to_disk` directory (its split), local data
+    files sharing one suffix (streamed), or a hub name (streamed). Loading errors become one UserError."""
     import datasets  # deferred on purpose: optional and slow to import; only the hf source needs it
 
     path, files = Path(name), sorted(glob.glob(os.path.expanduser(name)))
-    inputs: list[dict] = []
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -224,24 +223,33 @@ def hf_corpus(name: str, config: str | None = None, split: str = "train", text_f
                 if split not in ds:
                     raise UserError(f"{name} has no split {split!r}: choose one of {list(ds)} (--hf-split)")
                 ds = ds[split]
-            kind = "load_from_disk"
-            inputs = [{"name": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                      for p in sorted(path.rglob("*")) if p.is_file()]
-        elif files and all(Path(f).is_file() for f in files):
+            return ds, "load_from_disk", path, files
+        if files and all(Path(f).is_file() for f in files):
             suffixes = {Path(f).suffix for f in files}
             if len(suffixes) != 1 or (builder := _HF_FILE_BUILDERS.get(suffixes.pop())) is None:
                 raise UserError(f"--hf {name!r}: local files must share one suffix of {sorted(_HF_FILE_BUILDERS)}")
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-            kind = f"local {builder} files"
-            inputs = [{"name": f, "sha256": sha256_file(f), "bytes": Path(f).stat().st_size} for f in files]
-        else:
-            ds = datasets.load_dataset(name, config, split=split, streaming=True)
-            kind = "hub (streamed)"
+            return (datasets.load_dataset(builder, data_files=files, split="train", streaming=True),
+                    f"local {builder} files", path, files)
+        return datasets.load_dataset(name, config, split=split, streaming=True), "hub (streamed)", path, files
     except UserError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
         raise UserError(f"could not load HF dataset {name!r} (config {config!r}, split {split!r}): "
                         f"{type(err).__name__}: {err}") from None
+
+
+def _file_record(f) -> dict:
+    return {"name": str(f), "sha256": sha256_file(f), "bytes": Path(f).stat().st_size}
+
+
+def hf_corpus(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
+              max_docs: int | None = None) -> Corpus:
+    """A HF dataset: a `save_to_disk` directory, local data files (glob), or a hub name (streamed)."""
+    ds, kind, path, files = _open_hf(name, config, split)
+    if kind == "load_from_disk":
+        inputs = [_file_record(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    else:
+        inputs = [_file_record(f) for f in files] if kind.startswith("local") else []
     docs = []
     for row in ds:
         if text_field not in row:
@@ -385,31 +393,11 @@ def _jsonl_line(raw: bytes, text_field: str, path: Path, i: int) -> str | None:
 
 
 def _stream_hf(spec: dict, part: int, n_parts: int) -> Stream:
-    import datasets  # deferred on purpose: optional and slow to import; only the hf source needs it
-
     name, max_docs = spec["name"], spec.get("max_docs")
-    path, files = Path(name), sorted(glob.glob(os.path.expanduser(name)))
+    ds, kind, path, files = _open_hf(name, spec["config"], spec["split"])
     inputs: list[dict] = []
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if spec["split"] not in ds:
-                    raise UserError(f"{name} has no split {spec['split']!r}: choose one of {list(ds)} (--hf-split)")
-                ds = ds[spec["split"]]
-            ds = ds.to_iterable_dataset(num_shards=max(1, n_parts))
-        elif files and all(Path(f).is_file() for f in files):
-            suffixes = {Path(f).suffix for f in files}
-            if len(suffixes) != 1 or (builder := _HF_FILE_BUILDERS.get(suffixes.pop())) is None:
-                raise UserError(f"--hf {name!r}: local files must share one suffix of {sorted(_HF_FILE_BUILDERS)}")
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-        else:
-            ds = datasets.load_dataset(name, spec["config"], split=spec["split"], streaming=True)
-    except UserError:
-        raise
-    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise UserError(f"could not load HF dataset {name!r} (config {spec['config']!r}, split {spec['split']!r}): "
-                        f"{type(err).__name__}: {err}") from None
+    if kind == "load_from_disk":
+        ds = ds.to_iterable_dataset(num_shards=max(1, n_parts))
     n_shards = getattr(ds, "num_shards", getattr(ds, "n_shards", 1))
     by_shard = max_docs is None and n_shards >= n_parts
     if by_shard and n_parts > 1:
@@ -432,7 +420,7 @@ def _stream_hf(spec: dict, part: int, n_parts: int) -> Stream:
                 if max_docs is not None and index >= max_docs:
                     break
         if part == 0 and files and not path.is_dir():
-            inputs.extend({"name": f, "sha256": sha256_file(f), "bytes": Path(f).stat().st_size} for f in files)
+            inputs.extend(_file_record(f) for f in files)
 
     stream.documents = documents()
     return stream
