@@ -25,14 +25,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "cluster"))
-from workflow_dir import REPO, env, fault_env, make_workdir, read_runs, snakemake, snakemake_cmd  # noqa: E402
+from workflow_dir import (  # noqa: E402
+    REPO, env, fault_env, make_workdir, read_runs, snakemake, snakemake_cmd, wait_stopped,
+)
 
 SPARSESCALE = str(Path(sys.executable).parent / "sparsescale")
 CORPUS = REPO / "tests" / "fixtures" / "english.jsonl"
@@ -66,24 +67,6 @@ LOCAL = ["--configfile", "tiny.yaml", "--cores", "2", "--workflow-profile", "pro
 def train(out: Path, data: Path, faults: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([SPARSESCALE, "train", *TRAIN, "--data", str(data), "--out", str(out)],
                           env=env(**(faults or {})), capture_output=True, text=True, timeout=300)
-
-
-def wait_stopped(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
-    """PID the fault hook wrote into `marker`, once that process (`proc` or a child of it) is frozen by SIGSTOP."""
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if proc.poll() is not None:
-            out = proc.communicate()[0] if proc.stdout else ""
-            raise AssertionError(f"exited ({proc.returncode}) before the fault point:\n{(out or '')[-3000:]}")
-        try:
-            pid = int(marker.read_text())
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                    return pid
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no process stopped at the fault point within {timeout:.0f}s")
 
 
 def final(run_dir: Path) -> dict:

@@ -23,7 +23,7 @@ import yaml
 from sparsescale import data as D
 
 sys.path.insert(0, str(Path(__file__).parent / "cluster"))
-from workflow_dir import REPO, env, fault_env, make_workdir, snakemake, snakemake_cmd  # noqa: E402
+from workflow_dir import REPO, env, fault_env, make_workdir, snakemake, snakemake_cmd, wait_stopped  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -53,23 +53,6 @@ def workdir(path: Path, dataset: Path) -> Path:
     return wd
 
 
-def stopped_pid(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
-    import time
-
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        assert proc.poll() is None, f"snakemake exited ({proc.returncode}) before the fault point"
-        try:
-            pid = int(marker.read_text())
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                    return pid
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("no training job stopped at the fault point")
-
-
 def final(run_dir: Path) -> dict:
     return json.loads((run_dir / "final.json").read_text())
 
@@ -86,7 +69,7 @@ def story(tmp_path_factory) -> dict:
                             env=env(**fault_env("after:step_00000002.pt.sha256:stop", base / "pid")),
                             start_new_session=True)
     try:
-        pid = stopped_pid(base / "pid", proc)
+        pid = wait_stopped(base / "pid", proc)
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         out["killed_run"] = Path(cmd[cmd.index(b"--out") + 1].decode()).name
         os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +56,21 @@ def read_runs(path: str | os.PathLike) -> dict[str, dict]:
     """runs.csv as {run_id: row}, numbers as written (strings)."""
     with open(path, newline="") as f:
         return {row["run_id"]: row for row in csv.DictReader(f)}
+
+
+def wait_stopped(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """PID the fault hook wrote into `marker`, once that process (`proc` or a child of it) is frozen by SIGSTOP."""
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            out = proc.communicate()[0] if proc.stdout else ""
+            raise AssertionError(f"exited ({proc.returncode}) before the fault point:\n{(out or '')[-3000:]}")
+        try:
+            pid = int(marker.read_text())
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    return pid
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no process stopped at the fault point within {timeout:.0f}s")
