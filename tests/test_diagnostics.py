@@ -120,6 +120,7 @@ def test_design_check_warns_about_few_sizes_sparsities_and_budgets_that_grow_wit
     bad = dg.design_check(fp)
     assert bad["tokens"] == {"fixed": False, "values": [99_328, 199_680, 299_008, 399_360]}  # whole steps of 1024 tokens
     assert any("only 4 sparsities" in w for w in bad["warnings"]) and any("token budget varies with N" in w for w in bad["warnings"])
+    assert set(bad["flags"]) == {"few_sparsities", "budget_varies_with_n"} and bad["warnings"] == list(bad["flags"].values())
     three = dg.design_check(planted(0, seeds=1, sizes=SIZES[:3], grid=(0.0, 0.5, 0.8)))
     assert any("only 3 model sizes" in w for w in three["warnings"])
 
@@ -157,7 +158,7 @@ def test_flags_for_an_optimum_beyond_the_data():
     report = {
         "s_star": 0.86, "s_star_ci": [0.7, 0.97], "on_bound": ["E"],
         "design": {"max_sparsity": 0.8, "n_sizes": 4, "n_sparsities": 4, "tokens": None,
-                   "warnings": ["only 4 sparsities: ..."]},
+                   "flags": {"few_sparsities": "only 4 sparsities: ..."}, "warnings": ["only 4 sparsities: ..."]},
         "stability": {"stable": False, "max_shift_size": 0.17, "max_shift_sparsity": 0.2, "tolerance": 0.05},
         "bootstrap": {"share_no_finite_optimum": 0.3},
     }

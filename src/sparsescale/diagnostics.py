@@ -69,14 +69,14 @@ def design_check(runs: pd.DataFrame) -> dict:
     counts = _cells(runs).size()
     sizes = sorted(runs["n_params"].unique().tolist())
     sparsities = sorted(runs["sparsity"].unique().tolist())
-    warnings = []
+    flags = {}  # code -> message: fit.flags_of reports them as they are
     if len(sizes) < GOOD_SIZES:
-        warnings.append(
+        flags["few_sizes"] = (
             f"only {len(sizes)} model sizes: S* from fewer than {GOOD_SIZES} sizes moves when one is dropped; "
             f"add sizes (sweep.sizes)"
         )
     if len(sparsities) < GOOD_SPARSITIES:
-        warnings.append(
+        flags["few_sparsities"] = (
             f"only {len(sparsities)} sparsities: A(S) has 3 parameters and S* sits where its exponential wakes up; "
             f"measure >= {GOOD_SPARSITIES}, up to past the optimum (e.g. 0, .3, .5, .6, .7, .8, .9)"
         )
@@ -86,7 +86,7 @@ def design_check(runs: pd.DataFrame) -> dict:
         values = sorted({int(v) for v in per_size.dropna()})
         tokens = {"fixed": len(values) == 1, "values": values}
         if len(values) > 1:
-            warnings.append(
+            flags["budget_varies_with_n"] = (
                 f"the token budget varies with N ({values[0]:,} to {values[-1]:,} tokens): the law has no data term, "
                 f"so the data-limited part of the loss is absorbed into B and moves S*; give every size one budget "
                 f"(train.tokens: one number)"
@@ -99,7 +99,8 @@ def design_check(runs: pd.DataFrame) -> dict:
         "max_sparsity": float(sparsities[-1]) if sparsities else None,
         "seeds_per_cell": [int(counts.min()), int(counts.max())] if len(counts) else [0, 0],
         "tokens": tokens,
-        "warnings": warnings,
+        "flags": flags,
+        "warnings": list(flags.values()),
     }
 
 

@@ -72,12 +72,8 @@ def flags_of(report: dict) -> tuple[list[str], list[str]]:
         flag("unstable",
              f"dropping one size moves S* by up to {stab['max_shift_size']:.3f}, one sparsity by up to "
              f"{stab['max_shift_sparsity']:.3f} (tolerance {stab['tolerance']})")
-    if design["n_sizes"] < dg.GOOD_SIZES:
-        flag("few_sizes", design["warnings"][0])
-    if design["n_sparsities"] < dg.GOOD_SPARSITIES:
-        flag("few_sparsities", next(w for w in design["warnings"] if "sparsities" in w))
-    if design["tokens"] and not design["tokens"]["fixed"]:
-        flag("budget_varies_with_n", next(w for w in design["warnings"] if "token budget" in w))
+    for code, msg in design["flags"].items():  # few_sizes, few_sparsities, budget_varies_with_n
+        flag(code, msg)
     return codes, msgs
 
 
