@@ -91,7 +91,7 @@ def test_smoke_sweep_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     for jid, state, tres, mem, limit, comment in jobs:
         by_rule.setdefault(comment.split("_wildcards_")[0], []).append((state, tres, mem, limit, comment))
     assert {r: len(j) for r, j in by_rule.items()} == {
-        "rule_prepare": 1, "rule_train": len(RUN_IDS) + 1, "rule_evaluate": len(RUN_IDS), "rule_aggregate": 1,
+        "rule_prepare": 1, "rule_train": len(RUN_IDS) + 1, "rule_aggregate": 1,
         "rule_fit": 1}, jobs
     assert all(tres == "gres:gpu:1" for _, tres, *_ in by_rule["rule_train"]), jobs
     size, s = killed.split("-")[0], killed.split("-s")[1][:4]
