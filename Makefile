@@ -21,7 +21,7 @@ STAMP := $(BIN)/.sparsescale-setup
 # Snakemake's jobs call `sparsescale ...`: the environment's bin/ goes first on PATH for every recipe
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test smoke lint dryrun-paper gpu-check clean
+.PHONY: setup run test smoke lint dryrun-paper gpu-check clean reference-figures
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ run: setup
 ## test: set up and run the test suite
 test: setup
 	"$(BIN)/python" -m pytest -q $(PYTEST_ARGS) tests
+
+## reference-figures: regenerate the reference figures and tables from results/reference/ alone (no sweep)
+REF ?= results/reference
+reference-figures: setup
+	"$(BIN)/sparsescale" figures --runs $(REF)/tables/runs.csv --curves $(REF)/tables/curves.csv --fit-dir $(REF)/fit --out $(REF)/figures
+	"$(BIN)/sparsescale" tables --runs $(REF)/tables/runs.csv --fit-dir $(REF)/fit --out $(REF)/tables
 
 ## smoke: the seconds-scale config end to end
 smoke: setup

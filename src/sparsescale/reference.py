@@ -1,0 +1,153 @@
+"""The committed reference result: a sweep's result files, small enough for git, from which figures and tables
+regenerate.
+
+A sweep writes everything under its results root (`results/cpu` for `config/cpu.yaml`), checkpoints included.
+`export` copies the files a reader needs to check the README's numbers, and nothing else:
+
+- `tables/`: runs.csv, curves.csv and the paper tables (.md/.tex/.csv);
+- `fit/`: fit_{precision}.json (params, s_star, s_star_ci, bootstrap, drop-one refits, flags) and
+  optimal_sparsity.json;
+- `figures/*.png` (the PDFs are left out: they regenerate);
+- `tune/`: lr.json / lr.csv / lr.md and each tune run's final.json and config.json (`tune/runs/{id}/`);
+- `runs/{id}/`: final.json and config.json of every run (its full config and the library versions);
+- `superweight/`: summary.csv, each model's detect/ablation/scale/quantize JSON, the figures (PNG) and tables,
+  when the super-weight stage was run;
+- `config.yaml` (the config file the sweep ran with), `versions.json` (this interpreter's libraries),
+  `sweep.json` (wall time, number of jobs, core-seconds per rule from Snakemake's benchmark files),
+  `jobs.csv` (one row per job: rule, output, seconds, CPU seconds, peak RSS).
+
+Never copied: checkpoints, model weights, logs. The export is written to a temporary folder and renamed over
+the target, so a failed export leaves the previous reference untouched.
+
+Regenerate from the reference alone (what `make reference-figures` runs):
+  sparsescale figures --runs R/tables/runs.csv --curves R/tables/curves.csv --fit-dir R/fit --out R/figures
+  sparsescale tables --runs R/tables/runs.csv --fit-dir R/fit --out R/tables
+
+CLI: `sparsescale reference export --results results/cpu --config config/cpu.yaml --out results/reference
+[--wall-s SECONDS]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import shutil
+from pathlib import Path
+
+from sparsescale.errors import UserError
+from sparsescale.io import atomic_dir, atomic_write_text, read_json, versions, write_json
+
+# (folder under the results root, glob) of every file the reference keeps
+KEEP = [
+    ("tables", "*.csv"), ("tables", "*.md"), ("tables", "*.tex"),
+    ("fit", "*.json"),
+    ("figures", "*.png"),
+    ("tune", "lr.*"), ("tune/runs", "*/final.json"), ("tune/runs", "*/failed.json"), ("tune/runs", "*/config.json"),
+    ("runs", "*/final.json"), ("runs", "*/failed.json"), ("runs", "*/config.json"),
+    ("superweight", "summary.csv"), ("superweight", "*/*.json"),
+    ("superweight/figures", "*.png"), ("superweight/tables", "*.*"),
+]
+REQUIRED = ["tables/runs.csv", "tables/curves.csv", "fit/optimal_sparsity.json"]
+# file names that must never reach git (weights, optimizer state)
+FORBIDDEN_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+
+
+def benchmark_rows(results: Path) -> list[dict]:
+    """One row per Snakemake job from `{results}/logs/benchmarks/**.tsv` (rule = the first folder below, or the
+    file's stem for top-level jobs): seconds, CPU seconds, peak RSS in MB."""
+    rows = []
+    root = results / "logs" / "benchmarks"
+    for path in sorted(root.rglob("*.tsv")):
+        rel = path.relative_to(root)
+        lines = path.read_text().splitlines()
+        if len(lines) < 2:
+            continue
+        head, last = lines[0].split("\t"), lines[-1].split("\t")  # the last line: the final attempt
+        rec = dict(zip(head, last))
+        rows.append({"rule": rel.parts[0] if len(rel.parts) > 1 else rel.stem, "job": str(rel.with_suffix("")),
+                     "seconds": _num(rec.get("s")), "cpu_seconds": _num(rec.get("cpu_time")),
+                     "max_rss_mb": _num(rec.get("max_rss"))})
+    return rows
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def sweep_record(rows: list[dict], wall_s: float | None, config: str) -> dict:
+    """Wall time (as measured by whoever ran the sweep), job counts and core-seconds per rule."""
+    per_rule: dict[str, dict] = {}
+    for r in rows:
+        d = per_rule.setdefault(r["rule"], {"jobs": 0, "seconds": 0.0, "cpu_seconds": 0.0})
+        d["jobs"] += 1
+        d["seconds"] += 0.0 if math.isnan(r["seconds"]) else r["seconds"]
+        d["cpu_seconds"] += 0.0 if math.isnan(r["cpu_seconds"]) else r["cpu_seconds"]
+    return {"config": config, "wall_s": wall_s, "jobs": len(rows),
+            "job_seconds": sum(d["seconds"] for d in per_rule.values()),
+            "cpu_seconds": sum(d["cpu_seconds"] for d in per_rule.values()),
+            "per_rule": dict(sorted(per_rule.items())), "versions": versions()}
+
+
+def _jobs_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["rule", "job", "seconds", "cpu_seconds", "max_rss_mb"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def export(results: str | Path, config: str | Path, out: str | Path, wall_s: float | None = None) -> list[Path]:
+    """Copy the reference files of the sweep under `results` into `out` (replaced whole); return them."""
+    results, config, out = Path(results), Path(config), Path(out)
+    missing = [p for p in REQUIRED if not (results / p).is_file()]
+    if missing:
+        raise UserError(f"{results / missing[0]} not found: run the sweep to the end first "
+                        f"(snakemake --cores all --configfile {config})")
+    if not config.is_file():
+        raise UserError(f"config file {config} not found: pass the --config the sweep ran with")
+    if wall_s is not None and not (math.isfinite(wall_s) and wall_s > 0):
+        raise UserError(f"--wall-s must be a positive number of seconds: got {wall_s}")
+    files = sorted({p for folder, pattern in KEEP for p in (results / folder).glob(pattern) if p.is_file()})
+    bad = [p for p in files if p.suffix in FORBIDDEN_SUFFIXES]
+    if bad:
+        raise UserError(f"{bad[0]} looks like model weights: the reference keeps result files only")
+    rows = benchmark_rows(results)
+    with atomic_dir(out) as tmp:
+        for p in files:
+            dst = tmp / p.relative_to(results)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dst)
+        shutil.copyfile(config, tmp / "config.yaml")
+        write_json(tmp / "versions.json", versions())
+        write_json(tmp / "sweep.json", sweep_record(rows, wall_s, str(config)))
+        atomic_write_text(tmp / "jobs.csv", _jobs_csv(rows))
+    return [out / p.relative_to(results) for p in files] + [out / n for n in
+                                                            ("config.yaml", "versions.json", "sweep.json", "jobs.csv")]
+
+
+def summary_line(out: Path) -> str:
+    s = read_json(out / "sweep.json")
+    wall = "not given" if s["wall_s"] is None else f"{s['wall_s'] / 60:.1f} min"
+    jobs = ", ".join(f"{rule} {d['jobs']}" for rule, d in s["per_rule"].items())
+    return f"reference: {s['jobs']} jobs ({jobs}), wall {wall}, {s['cpu_seconds'] / 3600:.2f} CPU-hours"
+
+
+def cli_reference(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="sparsescale reference",
+                                 description="Export a sweep's result files (no checkpoints) as the committed reference.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="copy the result files of a sweep into the reference folder")
+    ex.add_argument("--results", default="results/cpu", help="results root of the sweep (its config's `results:`)")
+    ex.add_argument("--config", default="config/cpu.yaml", help="the config file the sweep ran with")
+    ex.add_argument("--out", default="results/reference", help="reference folder (replaced whole)")
+    ex.add_argument("--wall-s", type=float, default=None, help="measured wall time of the sweep in seconds")
+    a = ap.parse_args(argv)
+    paths = export(a.results, a.config, a.out, a.wall_s)
+    print(f"wrote {len(paths)} files to {a.out}")
+    print(summary_line(Path(a.out)))
+    return 0

@@ -1,0 +1,99 @@
+"""The committed reference result: export keeps result files only, and the tables regenerate from it alone."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsescale.errors import UserError
+from sparsescale.reference import export
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "results" / "reference"
+TSV_HEAD = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _sweep(root: Path) -> Path:
+    files = {
+        "tables/runs.csv": "run_id,val_loss\na,3.0\n", "tables/curves.csv": "run_id,step\na,1\n",
+        "tables/losses.md": "| a |\n", "fit/fit_fp.json": '{"s_star": 0.5}', "fit/optimal_sparsity.json": "{}",
+        "figures/fig1_scaling.png": "png", "figures/fig1_scaling.pdf": "pdf",
+        "runs/a/final.json": "{}", "runs/a/config.json": "{}", "runs/a/metrics.jsonl": "{}\n",
+        "runs/a/model/model.safetensors": "weights", "runs/a/checkpoints/step1/optim.pt": "state",
+        "tune/lr.json": "{}", "tune/runs/a-lr0.01/final.json": "{}", "tune/runs/a-lr0.01/model/model.safetensors": "w",
+        "logs/train/a.log": "log",
+        "logs/benchmarks/train/a.tsv": TSV_HEAD + "10.5\t0:00:10\t300\t0\t0\t0\t0\t0\t90\t9.5\n",
+        "logs/benchmarks/prepare.tsv": TSV_HEAD + "2.0\t0:00:02\t100\t0\t0\t0\t0\t0\t90\t1.5\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "cfg.yaml").write_text("results: x\n")
+    return root
+
+
+def test_export_keeps_result_files_only(tmp_path):
+    root = _sweep(tmp_path / "res")
+    out = tmp_path / "ref"
+    export(root, root / "cfg.yaml", out, wall_s=120.0)
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == sorted([
+        "config.yaml", "fit/fit_fp.json", "fit/optimal_sparsity.json", "figures/fig1_scaling.png", "jobs.csv",
+        "runs/a/config.json", "runs/a/final.json", "sweep.json", "tables/curves.csv", "tables/losses.md",
+        "tables/runs.csv", "tune/lr.json", "tune/runs/a-lr0.01/final.json", "versions.json"])
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["wall_s"] == 120.0 and sweep["jobs"] == 2
+    assert sweep["cpu_seconds"] == pytest.approx(11.0) and sweep["job_seconds"] == pytest.approx(12.5)
+    assert sweep["per_rule"]["train"] == {"jobs": 1, "seconds": 10.5, "cpu_seconds": 9.5}
+    assert (out / "jobs.csv").read_text().splitlines()[1:] == ["prepare,prepare,2.0,1.5,100.0", "train,train/a,10.5,9.5,300.0"]
+    # a second export replaces the first whole: a file gone from the sweep is gone from the reference
+    (root / "tables/losses.md").unlink()
+    export(root, root / "cfg.yaml", out)
+    assert not (out / "tables/losses.md").exists() and json.loads((out / "sweep.json").read_text())["wall_s"] is None
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_runs", r"tables/runs.csv not found: run the sweep to the end first"),
+    ("no_config", r"config file .*missing.yaml not found"),
+    ("bad_wall", r"--wall-s must be a positive number of seconds: got -1"),
+])
+def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case, match):
+    root = _sweep(tmp_path / "res")
+    if case == "no_runs":
+        (root / "tables/runs.csv").unlink()
+    cfg = root / ("missing.yaml" if case == "no_config" else "cfg.yaml")
+    with pytest.raises(UserError, match=match):
+        export(root, cfg, tmp_path / "ref", wall_s=-1.0 if case == "bad_wall" else None)
+    assert not (tmp_path / "ref").exists() and not list(tmp_path.glob(".ref.*"))
+
+
+needs_reference = pytest.mark.skipif(not (REFERENCE / "tables" / "runs.csv").is_file(),
+                                     reason="results/reference/ not committed yet")
+
+
+@needs_reference
+def test_reference_tables_regenerate_byte_for_byte(tmp_path):
+    from sparsescale.results import load_results
+    from sparsescale.tables import make_tables, write_table
+
+    results = load_results(REFERENCE / "tables/runs.csv", REFERENCE / "fit")
+    for table in make_tables(results):
+        for path in write_table(table, tmp_path):
+            assert path.read_bytes() == (REFERENCE / "tables" / path.name).read_bytes(), path.name
+
+
+@needs_reference
+def test_reference_tune_table_and_headline_agree_with_their_sources(tmp_path):
+    from sparsescale.tune import read_tune_runs, select
+
+    chosen = select(read_tune_runs(sorted(str(p.parent) for p in (REFERENCE / "tune/runs").glob("*/final.json"))))
+    committed = json.loads((REFERENCE / "tune/lr.json").read_text())
+    assert chosen["chosen"] == committed["chosen"]
+    # every trained run used the rate the tune stage chose for its size x precision
+    for final in (REFERENCE / "runs").glob("*/final.json"):
+        f = json.loads(final.read_text())
+        assert f["lr"] == pytest.approx(committed["chosen"][f["size"]][str(f["precision"])]), final.parent.name
+    optimal = json.loads((REFERENCE / "fit/optimal_sparsity.json").read_text())
+    for prec in ("fp", "1.58"):
+        fit = json.loads((REFERENCE / f"fit/fit_{prec}.json").read_text())
+        assert optimal["precisions"][prec]["s_star"] == pytest.approx(fit["s_star"])
