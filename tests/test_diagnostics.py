@@ -161,10 +161,11 @@ def test_flags_for_an_optimum_beyond_the_data():
                    "flags": {"few_sparsities": "only 4 sparsities: ..."}, "warnings": ["only 4 sparsities: ..."]},
         "stability": {"stable": False, "max_shift_size": 0.17, "max_shift_sparsity": 0.2, "tolerance": 0.05},
         "bootstrap": {"share_no_finite_optimum": 0.3},
+        "shape": {"flags": {"loss_not_falling_with_n": "loss does not fall with N in 1 step(s) ..."}},
     }
     codes, msgs = ft.flags_of(report)
     assert codes == ["s_star_beyond_data", "on_bound:E", "wide_interval", "undetermined_in_resamples", "unstable",
-                     "few_sparsities"]
+                     "few_sparsities", "loss_not_falling_with_n"]
     assert "beyond the largest sparsity measured (0.8)" in msgs[0] and "30%" in msgs[3]
 
 
@@ -210,3 +211,42 @@ def test_fit_tables_and_figure_carry_the_diagnostics(tmp_path, capsys):
     assert labels == ["−d1", "−d2", "−d3", "−d4", "−S 0%", "−S 30%", "−S 50%", "−S 60%", "−S 70%", "−S 80%", "−S 90%"]
     paths = save_figure(fig, tmp_path / "fig", "fig10_stability", dpi=60)
     assert [p.name for p in paths] == ["fig10_stability.png", "fig10_stability.pdf"]
+
+
+def test_shape_check_finds_the_steps_that_break_the_law_with_their_seed_noise():
+    exact = planted(0, noise=0.0)
+    clean = dg.shape_check(exact)
+    assert clean["loss_falls_with_n"] and clean["gap_grows_with_s"] and clean["flags"] == {}
+    assert clean["seed_sd"] == pytest.approx(0.0, abs=1e-12)
+    # the planted law: the gap to dense at N = 800k and S = 0.9 is L(N, 0.9) - L(N, 0)
+    assert clean["gaps"][800_000.0][0.9] == pytest.approx(sc.law(PAPER, 800_000, 0.9) - sc.law(PAPER, 800_000, 0.0))
+    # seeds 0/1 of every cell differ by +-0.01 nats: pooled seed sd = sqrt(2 * 0.01^2 / 1) per cell = 0.01414
+    runs = exact.copy()
+    runs.loc[runs["seed"] == 0, "val_loss"] += 0.01
+    runs.loc[runs["seed"] == 1, "val_loss"] -= 0.01
+    # break the law twice: at S = 0.5 the largest model is worse than the one below it by 0.1 nats (far beyond
+    # the noise), and at N = 13k the gap at S = 0.6 falls below the gap at S = 0.5 by a hair (within the noise)
+    big = (runs["n_params"] == 800_000) & (runs["sparsity"] == 0.5)
+    below = float(sc.law(PAPER, 330_000, 0.5))
+    runs.loc[big, "val_loss"] = below + 0.1 + np.where(runs.loc[big, "seed"] == 0, 0.01, -0.01)
+    small6 = (runs["n_params"] == 13_000) & (runs["sparsity"] == 0.6)
+    l5 = float(sc.law(PAPER, 13_000, 0.5))
+    runs.loc[small6, "val_loss"] = l5 - 0.001 + np.where(runs.loc[small6, "seed"] == 0, 0.01, -0.01)
+    got = dg.shape_check(runs)
+    assert got["seed_sd"] == pytest.approx(0.01414, abs=1e-4)
+    assert not got["loss_falls_with_n"] and not got["gap_grows_with_s"]
+    (vn,) = got["violations_n"]
+    assert (vn["sparsity"], vn["from"], vn["to"], vn["significant"]) == (0.5, 330_000, 800_000, True)
+    assert vn["step"] == pytest.approx(0.1) and vn["se"] == pytest.approx(0.01414, abs=1e-4)  # hypot of two cell SEs
+    small = [v for v in got["violations_s"] if v["n_params"] == 13_000]
+    assert [(v["from"], v["to"], v["significant"]) for v in small] == [(0.5, 0.6, False)]
+    assert small[0]["step"] == pytest.approx(-0.001)
+    # the inflated cell also makes the gap of N = 800k fall from S = 0.5 to 0.6: that one is beyond the noise
+    assert [(v["n_params"], v["from"], v["to"]) for v in got["violations_s"] if v["significant"]] == [(800_000, 0.5, 0.6)]
+    # only steps beyond 2 standard errors are flagged, and the message names the first
+    assert set(got["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s"}
+    assert "N = 800,000, S 0.5 -> 0.6" in got["flags"]["gap_not_growing_with_s"]
+    assert "S = 0.5, N 330,000 -> 800,000" in got["flags"]["loss_not_falling_with_n"]
+    # one seed per cell: no noise estimate, every violation counts
+    one = dg.shape_check(runs[runs["seed"] == 0])
+    assert one["seed_sd"] is None and set(one["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s"}

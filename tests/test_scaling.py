@@ -231,6 +231,7 @@ FIT_KEYS = {
     "dense_baseline",
     "design",
     "stability",
+    "shape",
     "flags",
     "trustworthy",
     "missing",

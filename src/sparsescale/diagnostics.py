@@ -6,6 +6,8 @@ file computes all three for one precision's runs (`fit.py` assembles them into f
 Features
 - `design_check(runs)`: sizes, N span, sparsities, seeds per cell, token budgets; loud warnings for < 4
   sizes, < 5 sparsities, and budgets that vary with N (the law has no data term: it is a law at fixed D).
+- `shape_check(runs)`: whether the cell means have the law's shape (loss falls with N at every S, the gap to
+  dense grows with S at every N); each violating step with its standard error from the seeds, flagged beyond 2.
 - `bootstrap(runs, fit)`: resamples seeds within each (N, S) cell when cells hold >= 2 seeds (every
   resample keeps the design; deviations from the cell mean inflated by sqrt(m/(m-1)), without which 2-seed
   cells carry half the variance), a residual bootstrap otherwise (centred log-space residuals of the full fit,
@@ -102,6 +104,58 @@ def design_check(runs: pd.DataFrame) -> dict:
         "flags": flags,
         "warnings": list(flags.values()),
     }
+
+
+def _monotone_violations(means: pd.DataFrame, se: pd.DataFrame | None, axis: str, direction: str) -> list[dict]:
+    """Consecutive pairs along `axis` ('n': rows are N, loss should fall; 's': gap should grow) that break it."""
+    out = []
+    outer, inner = (means.columns, means.index) if axis == "n" else (means.index, means.columns)
+    for o in outer:
+        line = means[o] if axis == "n" else means.loc[o]
+        err = None if se is None else (se[o] if axis == "n" else se.loc[o])
+        pts = [(k, float(line[k])) for k in inner if pd.notna(line[k])]
+        for (a, va), (b, vb) in zip(pts, pts[1:]):
+            step = vb - va  # N: should be < 0 (loss falls); S: should be > 0 (gap grows)
+            if (step < 0) if direction == "falls" else (step > 0):
+                continue
+            noise = None if err is None else float(np.hypot(err[a], err[b]))
+            key = "sparsity" if axis == "n" else "n_params"
+            out.append({key: float(o), "from": float(a), "to": float(b), "value_from": va, "value_to": vb,
+                        "step": step, "se": noise,
+                        "significant": None if noise is None or not np.isfinite(noise) else bool(abs(step) > 2 * noise)})
+    return out
+
+
+def shape_check(runs: pd.DataFrame) -> dict:
+    """Do the cell means have the law's shape? Loss falls with N at every S; the gap to dense, L(N,S) - L(N,0),
+    grows with S at every N. Violations are listed with the standard error of the step (pooled seed variance);
+    one beyond 2 standard errors (or any, with one seed per cell) is flagged."""
+    cells = _cells(runs)["val_loss"]
+    means = cells.mean().unstack("sparsity")  # rows N, columns S
+    counts = cells.size().unstack("sparsity")
+    dev = runs["val_loss"] - cells.transform("mean")
+    dof = int((counts - 1).clip(lower=0).sum().sum())
+    seed_sd = float(np.sqrt((dev ** 2).sum() / dof)) if dof > 0 else None
+    se = None if seed_sd is None else seed_sd / np.sqrt(counts)
+    falls = _monotone_violations(means, se, "n", "falls")
+    grows, gaps = [], None
+    if 0.0 in means.columns:
+        gap = means.sub(means[0.0], axis=0)
+        gaps = {float(n): {float(s): float(v) for s, v in row.items() if pd.notna(v)} for n, row in gap.iterrows()}
+        # a step of the gap between two sparsities is the step of the loss (the dense cell cancels): its noise too
+        grows = _monotone_violations(gap, se, "s", "grows")
+    flags = {}
+    for code, viol, what in (("loss_not_falling_with_n", falls, "loss does not fall with N"),
+                             ("gap_not_growing_with_s", grows, "the gap to dense does not grow with S")):
+        bad = [v for v in viol if v["significant"] is not False]
+        if bad:
+            first = bad[0]
+            where = (f"S = {first['sparsity']:g}, N {first['from']:,.0f} -> {first['to']:,.0f}" if "sparsity" in first
+                     else f"N = {first['n_params']:,.0f}, S {first['from']:g} -> {first['to']:g}")
+            flags[code] = (f"{what} in {len(bad)} step(s) beyond 2 standard errors (e.g. {where}: "
+                           f"{first['value_from']:.4f} -> {first['value_to']:.4f}): the law's shape does not hold there")
+    return {"seed_sd": seed_sd, "loss_falls_with_n": not falls, "gap_grows_with_s": None if gaps is None else not grows,
+            "violations_n": falls, "violations_s": grows, "gaps": gaps, "flags": flags}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ def flags_of(report: dict) -> tuple[list[str], list[str]]:
              f"{stab['max_shift_sparsity']:.3f} (tolerance {stab['tolerance']})")
     for code, msg in design["flags"].items():  # few_sizes, few_sparsities, budget_varies_with_n
         flag(code, msg)
+    for code, msg in report.get("shape", {}).get("flags", {}).items():  # the data against the law's shape
+        flag(code, msg)
     return codes, msgs
 
 
@@ -151,6 +153,7 @@ def fit_report(
         "sizes": sorted(runs["n_params"].unique().tolist()),
         "sparsities": sorted(runs["sparsity"].unique().tolist()),
         "design": design,
+        "shape": dg.shape_check(runs),
         "bootstrap": {k: boot[k] for k in ("method", "n", "n_ok", "seed", "level", "multistart",
                                            "share_no_finite_optimum", "share_dense_optimal")}
         | {"s_star_samples": [float(v) if v == v else None for v in boot["samples"][:, -1]],

@@ -322,12 +322,22 @@ def _shift(row: dict) -> str:
     return MISSING if row.get("s_star") is None else f"{fmt_pct(row['s_star'], 1)} ({100 * row['shift']:+.1f})"
 
 
+def _shape_cell(ok, violations: list[dict]) -> str:
+    if ok is None:
+        return MISSING
+    if ok:
+        return "yes"
+    beyond = sum(1 for v in violations if v.get("significant") is not False)
+    return f"no: {len(violations)} step(s), {beyond} beyond 2 s.e."
+
+
 def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None) -> Table:
     """Per precision: the sweep's design, S* with its interval and the share of resamples without an
     optimum, S* refitted without each size and each sparsity, and the flags of the fit."""
     keys = [("sizes", "model sizes (N span)"), ("sparsities", "sparsities (largest)"), ("seeds", "seeds per cell"),
             ("tokens", "token budget D"), ("s_star", "S* [95% interval]"), ("no_opt", "resamples without a finite S*"),
-            ("method", "bootstrap")]
+            ("method", "bootstrap"), ("seed_sd", "seed s.d. of a run (nats)"),
+            ("falls", "loss falls with N at every S"), ("grows", "gap to dense grows with S at every N")]
     sizes = sorted({(r.get("size") or fmt_n(r["n_params"]), r["n_params"]) for f in fits.values() if f
                     for r in (f.get("stability") or {}).get("drop_size") or []}, key=lambda t: t[1])
     sparsities = sorted({r["sparsity"] for f in fits.values() if f for r in (f.get("stability") or {}).get("drop_sparsity") or []})
@@ -355,6 +365,10 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
         cells["s_star"][prec] = f"{fmt_pct(s_star_of(f), 1)} {fmt_ci(ci, lambda v: fmt_pct(v, 1))}"
         cells["no_opt"][prec] = fmt_pct(b.get("share_no_finite_optimum"), 0)
         cells["method"][prec] = f"{b.get('method', MISSING)}, {b.get('n_ok', MISSING)}/{b.get('n', MISSING)} refits"
+        sh = f.get("shape") or {}
+        cells["seed_sd"][prec] = fmt_num(sh.get("seed_sd")) if finite(sh.get("seed_sd")) else MISSING
+        for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s")):
+            cells[key][prec] = _shape_cell(sh.get(ok), sh.get(viol) or [])
         for r in st.get("drop_size") or []:
             drop[f"size:{r.get('size') or fmt_n(r['n_params'])}"][prec] = _shift(r)
         for r in st.get("drop_sparsity") or []:
