@@ -408,6 +408,17 @@ def test_cli_report_writes_everything_byte_identically(sweep, tmp_path, capsys):
     assert "no spike statistics" in (tmp_path / "t1" / "superweight_emergence.md").read_text()  # without --curves
     with pytest.raises(UserError, match="nothing to do"):
         cli_superweight(["report", "--summary", str(summary), "--dirs", str(sweep[0])])
+    # after detect alone: only what needs detect.json and curves.csv
+    only = "sw_spike_profile,sw_emergence,superweight_summary,superweight_emergence"
+    cli_superweight(args + ["--curves", str(curves), "--only", only, "--figures", str(tmp_path / "f5"),
+                            "--tables", str(tmp_path / "t5")])
+    assert sorted(p.name for p in (tmp_path / "f5").iterdir()) == [
+        "sw_emergence.pdf", "sw_emergence.png", "sw_spike_profile.pdf", "sw_spike_profile.png"]
+    assert sorted(p.stem for p in (tmp_path / "t5").iterdir()) == ["superweight_emergence"] * 3 + ["superweight_summary"] * 3
+    assert (tmp_path / "t5" / "superweight_emergence.md").read_bytes() == (tmp_path / "t4" / "superweight_emergence.md").read_bytes()
+    with pytest.raises(UserError, match="unknown figure or table 'sw_nope' in --only"):
+        cli_superweight(args + ["--only", "sw_nope", "--tables", str(tmp_path / "t6")])
+    assert not (tmp_path / "t6").exists()
 
 
 @pytest.mark.skipif(shutil.which("snakemake") is None and not (Path(sys.executable).parent / "snakemake").exists(),

@@ -254,6 +254,8 @@ def cli_report(argv: list[str]) -> int:
     p.add_argument("--tables", help="folder for {name}.md, .tex and .csv")
     p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: the theme's 200)")
     p.add_argument("--curves", help="curves.csv of the sweep (sparsescale aggregate): the spike statistic over training")
+    p.add_argument("--only", help="comma-separated figures/tables to make (default: all), e.g. "
+                                  "sw_spike_profile,sw_emergence,superweight_summary,superweight_emergence after detect alone")
     a = p.parse_args(argv)
     # matplotlib deferred on purpose: only this subcommand draws (detect/ablate jobs need not load it)
     from sparsescale.plots import save_figure
@@ -261,14 +263,21 @@ def cli_report(argv: list[str]) -> int:
 
     if not (a.figures or a.tables):
         raise UserError("nothing to do: pass --figures DIR and/or --tables DIR")
+    names = list(report.SUPERWEIGHT_FIGURES) + list(report.SUPERWEIGHT_TABLES)
+    only = names if not a.only else [n.strip() for n in a.only.split(",") if n.strip()]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise UserError(f"unknown figure or table {unknown[0]!r} in --only: choose from {', '.join(names)}")
     inputs = report.load_report_inputs(a.dirs)
     inputs["summary"] = read_summary(a.summary)
     inputs["curves"] = read_curves(a.curves) if a.curves else None
     paths = []
     for name, draw in report.SUPERWEIGHT_FIGURES.items() if a.figures else ():
-        paths += save_figure(draw(inputs), a.figures, name, a.dpi)
-    for make in report.SUPERWEIGHT_TABLES.values() if a.tables else ():
-        paths += write_table(make(inputs), a.tables)
+        if name in only:
+            paths += save_figure(draw(inputs), a.figures, name, a.dpi)
+    for name, make in report.SUPERWEIGHT_TABLES.items() if a.tables else ():
+        if name in only:
+            paths += write_table(make(inputs), a.tables)
     for path in paths:
         print(path)
     return 0
