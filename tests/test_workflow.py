@@ -97,9 +97,21 @@ def test_paper_dag_builds_fast():
     t0 = time.time()
     p = snakemake("--configfile", "config/paper.yaml", "-n", "--quiet", "rules", cwd=ROOT)
     took = time.time() - t0
-    total = [int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("total")]
-    assert total and total[0] >= 150, p.stdout
-    print(f"paper DAG: {total[0]} jobs in {took:.1f}s")
+    counts = {}
+    for line in p.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts.get("total", 0) >= 150, p.stdout
+    # the sharded data preparation of issue 18: data.shards = data.parts = 256 in config/paper.yaml
+    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["data"]
+    shards, parts = cfg["shards"], cfg["parts"]
+    assert (shards, parts) == (256, 256)
+    assert counts.get("data_tokenizer") == 1, p.stdout
+    assert counts.get("data_encode") == parts, p.stdout
+    assert counts.get("data_shard") == shards + 1, p.stdout  # + the validation split
+    assert counts.get("data_gather") == 1, p.stdout
+    print(f"paper DAG: {counts['total']} jobs in {took:.1f}s")
 
 
 def test_lint_and_format_clean():
