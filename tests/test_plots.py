@@ -18,6 +18,9 @@ import synthetic  # noqa: E402
 from sparsescale import plots as P  # noqa: E402
 from sparsescale import results as R  # noqa: E402
 from sparsescale.errors import UserError  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from sparsescale.scaling import PAPER_S_STAR, law  # noqa: E402
 
 OPTS = argparse.Namespace(curves_size=None)
@@ -114,6 +117,23 @@ def test_fig3_marks_fitted_and_paper_s_star(results):
     assert any("printed constants: S* = 50.2%" in s for s in labels)
 
 
+def test_fig3_one_legend_entry_per_shaded_interval(results):
+    """Each precision's bootstrap band is shaded in its own colour and named once in the legend; no other shading."""
+    fig = P.plot_optimal_sparsity(results.fits)
+    ax = fig.axes[0]
+    spans = ax.patches  # the axvspan rectangles: nothing else on this axes is a patch
+    assert len(spans) == 2
+    (legend,) = fig.legends
+    bands = [(t.get_text(), h) for t, h in zip(legend.get_texts(), legend.legend_handles) if "bootstrap interval" in t.get_text()]
+    assert [t for t, _ in bands] == ["full precision: 95% bootstrap interval of S*", "1.58-bit: 95% bootstrap interval of S*"]
+    for (_, handle), span, prec in zip(bands, spans, ("fp", "1.58")):
+        assert to_rgb(handle.get_facecolor()) == to_rgb(span.get_facecolor()) == to_rgb(P.PRECISION_COLOR[prec])
+        lo, hi = results.fits[prec]["s_star_ci"]
+        assert span.get_x() == pytest.approx(lo) and span.get_x() + span.get_width() == pytest.approx(hi)
+    # every legend patch is one of the two bands (no unlabelled extra shading, no band without a shading)
+    assert sum(isinstance(h, matplotlib.patches.Patch) for h in legend.legend_handles) == 2
+
+
 def test_fig4_frontier_is_the_minimum_over_s(results):
     fig = P.plot_activated(results.runs, results.fits)
     ax = fig.axes[0]
@@ -142,6 +162,24 @@ def test_fig5_picks_largest_size_and_rejects_unknown(results):
         P.plot_curves(results.curves, "d99")
 
 
+def test_fig5_marks_each_precision_with_its_own_marker(results):
+    """Validation-loss points: circles for full precision, squares for 1.58-bit (not one marker for both)."""
+    fig = P.plot_curves(results.curves)
+    train, val = fig.axes[0].get_lines(), fig.axes[1].get_lines()
+    assert {ln.get_marker() for ln in train} == {"None"}  # training loss: lines only
+    assert len(val) == 8
+    assert {ln.get_marker() for ln in val} == {"o", "s"}
+    style_to_marker = {P.PRECISION_STYLE[p]: P.PRECISION_MARKER[p] for p in ("fp", "1.58")}
+    assert style_to_marker == {"-": "o", "--": "s"}
+    for ln in val:  # four sparsities per precision, each with its precision's marker
+        assert ln.get_marker() == style_to_marker[ln.get_linestyle()]
+    assert sorted(ln.get_marker() for ln in val) == ["o"] * 4 + ["s"] * 4
+    # the legend names the precisions with the same markers
+    (legend,) = fig.legends
+    marks = {t.get_text(): h.get_marker() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert marks["full precision"] == "o" and marks["1.58-bit"] == "s"
+
+
 def test_fig6_plots_measured_sparsity_per_projection(results):
     fig = P.plot_measured_sparsity(results.runs)
     ax = fig.axes[0]
@@ -160,6 +198,20 @@ def test_fig7_residuals_are_small_against_the_true_law(results):
     fig = P.plot_residuals(results.runs, results.fits)
     assert len(fig.axes) == 6
     assert any("held out: N = 8M" in t for t in texts(fig))
+
+
+def test_fig7_size_axis_has_no_minor_tick_labels(results):
+    """The log-N axes label only their major ticks: the minor labels (2x10^4, 3x10^4, ...) overlapped."""
+    fig = P.plot_residuals(results.runs, results.fits)
+    size_axes = [ax for ax in fig.axes if ax.get_xscale() == "log"]
+    assert size_axes == [fig.axes[0], fig.axes[3]]  # column 1 of each precision's row
+    FigureCanvasAgg(fig).draw()  # ticks and their labels are made at draw time
+    for ax in size_axes:
+        assert isinstance(ax.xaxis.get_minor_formatter(), NullFormatter)
+        assert len(ax.get_xticks(minor=True)) > 0  # the minor ticks are there ...
+        assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == [""] * len(ax.get_xticks(minor=True))  # ... unlabelled
+        lo, hi = ax.get_xlim()
+        assert any(t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= x <= hi)  # majors are labelled
 
 
 def test_missing_optional_inputs_give_labelled_panels(tmp_path):
