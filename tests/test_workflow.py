@@ -169,6 +169,68 @@ def run_config(command: str):
     return Path(cfg.out).name, cfg
 
 
+def dry_run_jobs(*args, cwd) -> list[tuple[str, dict[str, str]]]:
+    """(rule, {"input": ..., "output": ..., "log": ..., "Shell command": ...}) of every job of `snakemake -n -p`."""
+    p = snakemake("-n", "-p", *args, cwd=cwd)
+    jobs = []
+    for line in p.stdout.splitlines():
+        m = re.fullmatch(r"(?:local)?rule (\w+):", line)
+        if m:
+            jobs.append((m.group(1), {}))
+        elif jobs and (line.startswith("    ") or line.startswith("Shell command: ")) and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1][1].setdefault(key, value)
+    return jobs
+
+
+def test_lmeval_enabled_adds_one_job_per_run_and_feeds_aggregate(tmp_path):
+    """lmeval.enabled on the smoke config: one lmeval job per training run, one figure job, and aggregate
+    reads every run's lmeval.json (and with lmeval off: none of them)."""
+    wd = copy_workflow(tmp_path)
+    (wd / "lmeval.yaml").write_text(yaml.safe_dump({"lmeval": {"enabled": True}}))
+    conf = yaml.safe_load((wd / "config" / "smoke.yaml").read_text())
+    sweep = conf["sweep"]
+    n_runs = len(sweep["sizes"]) * len(sweep["sparsity"]) * len(sweep["precision"]) * len(sweep["seeds"])
+    n_runs += sum(len(conf[m]["sparsity"]) * len(conf[m]["precision"]) * len(sweep["seeds"])
+                  for m in ("continue", "finetune") if conf[m]["enabled"])
+    assert n_runs == 3 * 3 * 2 + 2
+
+    jobs = dry_run_jobs("--configfile", "config/smoke.yaml", "lmeval.yaml", cwd=wd)
+    by_rule = {}
+    for rule, fields in jobs:
+        by_rule.setdefault(rule, []).append(fields)
+    trained = [f["output"].split(", ")[0] for r in ("train", "train_continue", "train_finetune") for f in by_rule[r]]
+    run_dirs = sorted(os.path.dirname(o) for o in trained)  # results/smoke/runs/{id}
+    assert len(run_dirs) == len(set(run_dirs)) == n_runs
+
+    lmeval = by_rule["lmeval"]
+    assert len(lmeval) == n_runs  # exactly one per training run
+    assert sorted(f["output"] for f in lmeval) == sorted(f"{d}/lmeval.json" for d in run_dirs)
+    for f in lmeval:
+        d, rid = os.path.dirname(f["output"]), os.path.basename(os.path.dirname(f["output"]))
+        assert f"{d}/final.json" in f["input"].split(", ") and f"{d}/model" in f["input"].split(", ")
+        assert f["log"] == f"results/smoke/logs/lmeval/{rid}.log"
+        assert f["Shell command"].startswith(f"sparsescale lm-eval --model {d}/model "), f["Shell command"]
+
+    (fig,) = by_rule["lmeval_figure"]  # exactly one figure job
+    assert fig["input"] == "results/smoke/tables/runs.csv"
+    assert fig["output"] == "results/smoke/figures/fig_lmeval_accuracy.png"
+
+    (agg,) = by_rule["aggregate"]
+    inputs = agg["input"].split(", ")
+    assert sorted(i for i in inputs if i.endswith("/lmeval.json")) == sorted(f"{d}/lmeval.json" for d in run_dirs)
+    assert sorted(i for i in inputs if i.endswith("/eval.json")) == sorted(f"{d}/eval.json" for d in run_dirs)
+    assert len(inputs) == 2 * n_runs
+
+    # off (the smoke config as it is): no lmeval job, no figure job, aggregate reads eval.json only
+    off = dry_run_jobs("--configfile", "config/smoke.yaml", cwd=wd)
+    rules = [r for r, _ in off]
+    assert "lmeval" not in rules and "lmeval_figure" not in rules
+    (agg,) = [f for r, f in off if r == "aggregate"]
+    assert not any(i.endswith("lmeval.json") for i in agg["input"].split(", "))
+    assert not (wd / "results").exists()  # a dry run writes nothing
+
+
 @pytest.mark.parametrize("configfile", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
 def test_rule_run_ids_are_train_config_run_ids(configfile):
     conf = yaml.safe_load((ROOT / "config" / configfile).read_text())
