@@ -129,3 +129,20 @@ def test_report_works_after_a_run(story):
     html = story["dir"] / "report.html"
     assert html.stat().st_size > 100_000
     assert "fig1_scaling.png" in html.read_text(errors="replace")
+
+
+def test_logs_stay_under_the_results_root(story):
+    """Every rule logs under {results}/logs: no `logs/` in the working directory (it was there, shared by the smoke
+    and default sweeps) nor anywhere else outside the results root, after the killed run, the rerun and the report."""
+    for wd in (story["dir"], story["ref_dir"]):
+        results = wd / TINY["results"]
+        assert not (wd / "logs").exists()
+        stray = [Path(d) / "logs" for d, subdirs, _ in os.walk(wd)  # symlinks (workflow/, config/, ...) not followed
+                 if "logs" in subdirs and not Path(d, "logs").is_relative_to(results)]
+        assert stray == [], stray
+        assert (results / "logs").is_dir()
+    logs = story["dir"] / TINY["results"] / "logs"
+    assert (logs / "train" / f"{story['killed_run']}.log").is_file()
+    assert {f"{rid}.log" for rid in (f"{s}-s{p:.2f}-bfp-seed0" for s in ("d1", "d2") for p in (0.0, 0.5, 0.8))} \
+        == {p.name for p in (logs / "train").iterdir() if p.suffix == ".log"}
+    assert (logs / "aggregate.log").is_file() and (logs / "fit.log").is_file() and (logs / "figures.log").is_file()
