@@ -3,12 +3,17 @@
 # Set-up uses the active virtualenv/conda env if there is one, otherwise creates .venv.
 # Where no NVIDIA GPU is present, torch is installed as $(TORCH_CPU) first (a CPU build on these
 # machines), so that resolving the other dependencies never pulls a multi-GB CUDA build.
+# `make test` also installs transformers 4.x ($(TRANSFORMERS4)) with `pip install --target` into $(TF4) beside the
+# environment's transformers 5 (once; again when the pins change): the tests that load a checkpoint's tokenizer and
+# remote code with 4.x put it first on PYTHONPATH in a subprocess (SPARSESCALE_TRANSFORMERS4).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_CPU ?= torch==2.13.0
 CORES ?= all
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# the newest 4.x with the tokenizers and huggingface_hub it requires (<= 0.23.0, < 1.0); its other deps are shared
+TRANSFORMERS4 ?= transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
 
 ifdef VIRTUAL_ENV
 BIN := $(VIRTUAL_ENV)/bin
@@ -18,10 +23,11 @@ else
 BIN := $(VENV)/bin
 endif
 STAMP := $(BIN)/.sparsescale-setup
+TF4 := $(abspath $(BIN)/..)/transformers4
 # Snakemake's jobs call `sparsescale ...`: the environment's bin/ goes first on PATH for every recipe
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test smoke lint dryrun-paper gpu-check clean reference-figures
+.PHONY: setup transformers4 run test smoke lint dryrun-paper gpu-check clean reference-figures
 
 setup: $(STAMP)
 
@@ -38,14 +44,23 @@ $(STAMP): pyproject.toml
 	"$(BIN)/python" -m pip install -q -e ".[dev]"
 	@touch "$(STAMP)"
 
+## transformers4: transformers 4.x into $(TF4) for the tests (skipped when $(TF4)/.pins already names these pins)
+transformers4: setup
+	@if [ "$$(cat "$(TF4)/.pins" 2>/dev/null)" != "$(TRANSFORMERS4)" ]; then \
+	  echo "installing $(TRANSFORMERS4) into $(TF4) (for the transformers 4.x tests)"; \
+	  rm -rf "$(TF4).tmp" && \
+	  "$(BIN)/python" -m pip install -q --no-deps --target "$(TF4).tmp" $(TRANSFORMERS4) && \
+	  echo "$(TRANSFORMERS4)" > "$(TF4).tmp/.pins" && rm -rf "$(TF4)" && mv "$(TF4).tmp" "$(TF4)"; \
+	fi
+
 ## run: set up and run the default pipeline (config/default.yaml) end to end
 ## (profiles/default, next to the Snakefile, is picked up by every plain `snakemake` call)
 run: setup
 	"$(BIN)/snakemake" --cores $(CORES)
 
-## test: set up and run the test suite
-test: setup
-	"$(BIN)/python" -m pytest -q $(PYTEST_ARGS) tests
+## test: set up and run the test suite (with transformers 4.x beside, for the tests that load checkpoints with it)
+test: setup transformers4
+	SPARSESCALE_TRANSFORMERS4="$(TF4)" "$(BIN)/python" -m pytest -q $(PYTEST_ARGS) tests
 
 ## reference-figures: regenerate the reference figures and tables from results/reference/ alone (no sweep)
 REF ?= results/reference

@@ -1,5 +1,6 @@
-"""Checkpoints outside sparsescale: model card, modeling code beside the weights (trust_remote_code), plain
-loading documented as dense, training facts in config.json, a truncated weights file as one clear error."""
+"""Checkpoints outside sparsescale: model card, modeling code beside the weights (trust_remote_code, with
+transformers 5 and 4.x), plain loading documented as dense, training facts in config.json, a truncated weights
+file as one clear error."""
 
 import json
 import os
@@ -59,6 +60,49 @@ def test_trust_remote_code_gives_the_trained_model(tmp_path, case):
     plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     assert type(plain).__name__ == "LlamaForCausalLM"
     assert abs(loss(plain, IDS) - ours) > 1e-4
+
+
+# transformers 4.x, installed with `pip install --target` beside the 5.x of the environment (`make test` does it)
+TRANSFORMERS4 = os.environ.get("SPARSESCALE_TRANSFORMERS4")
+LOAD_WITH_TRANSFORMERS4 = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM
+assert transformers.__version__.startswith("4."), transformers.__version__
+paths, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), {}
+for case, path in paths.items():
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        res = model(input_ids=ids, labels=ids)
+    out[case] = {"cls": type(model).__name__, "dtype": str(model.dtype), "loss": res.loss.item(), "logits": res.logits}
+torch.save({"version": transformers.__version__, "models": out}, sys.argv[3])
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS4,
+                    reason="set SPARSESCALE_TRANSFORMERS4 to a directory holding transformers 4.x (pip install --target)")
+def test_trust_remote_code_gives_the_trained_model_with_transformers_4(tmp_path):
+    """modeling_sparsescale.py under transformers 4.x (a subprocess with the 4.x install first on PYTHONPATH) gives
+    the logits and loss of sparsescale.model.load under transformers 5, for every setting of SETTINGS."""
+    paths = {case: str(saved(tmp_path / f"c{i}", settings)) for i, (case, settings) in enumerate(sorted(SETTINGS.items()))}
+    ours = {}
+    for case, path in paths.items():
+        model = M.load(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ours[case] = model(input_ids=IDS, labels=IDS)
+    env = {**os.environ, "PYTHONPATH": TRANSFORMERS4, "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}  # the remote code's copy, not the user's cache
+    out = tmp_path / "tf4.pt"
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS4, json.dumps(paths), json.dumps(IDS.tolist()),
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(out)
+    assert res["version"].startswith("4.")
+    for case in paths:
+        got = res["models"][case]
+        assert (got["cls"], got["dtype"]) == ("SparseScaleForCausalLM", "torch.float32"), case
+        assert torch.allclose(got["logits"], ours[case].logits, rtol=0, atol=1e-5), \
+            (case, (got["logits"] - ours[case].logits).abs().max().item())
+        assert abs(got["loss"] - ours[case].loss.item()) <= 1e-5, (case, got["loss"], ours[case].loss.item())
 
 
 def test_model_card_names_size_counts_sparsity_precision_tokens_and_loss(tmp_path):
