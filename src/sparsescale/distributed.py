@@ -170,6 +170,7 @@ def wrap(model: torch.nn.Module, ctx: Context, cfg) -> torch.nn.Module:
     if ctx.world_size == 1:
         return model
     if cfg.distributed == "fsdp":
+        # deferred, as in `record`: slow to import; only multi-process runs need it
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         cuda = ctx.device.startswith("cuda")
@@ -182,6 +183,7 @@ def wrap(model: torch.nn.Module, ctx: Context, cfg) -> torch.nn.Module:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    # deferred, as in `record`: slow to import; only multi-process runs need it
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -231,6 +233,7 @@ def full_state_dicts(model: torch.nn.Module, opt: torch.optim.Optimizer | None, 
         if not ctx.is_main:
             return None, None
         return model.state_dict(), (opt.state_dict() if opt is not None else None)
+    # deferred, as in `record`: slow to import; only multi-process runs need it
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -256,6 +259,7 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, opt
     if not is_sharded(model):
         opt.load_state_dict(optim_sd)
         return
+    # deferred, as in `record`: slow to import; only multi-process runs need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = {p: n for n, p in model.named_parameters()}

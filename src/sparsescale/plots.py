@@ -1,8 +1,9 @@
 """Figures from result files: one function per figure, one seaborn theme, PNG for the report, PDF for papers.
 
 Notable features:
-- made only from `results/tables/runs.csv`, `results/tables/curves.csv` and the fit JSONs (readers shared with
-  `tables.py`); the fitted law is evaluated with `sparsescale.scaling`, never re-derived here;
+- made only from `results/tables/runs.csv`, `results/tables/curves.csv` and the fit JSONs (read by
+  `sparsescale.results`, shared with `tables.py`); the fitted law is evaluated with `sparsescale.scaling`,
+  never re-derived here;
 - one theme (seaborn "ticks", paper context) and colour-blind-safe colours: the "colorblind" palette for
   categories (precision, projection), perceptually uniform sequential maps for ordered values (S, N);
 - every figure draws both precisions in a fixed order; a precision without runs (or without a fit) gets a
@@ -11,7 +12,7 @@ Notable features:
   tag, PDF without CreationDate; each file written atomically (`sparsescale.io.atomic_path`);
 - `FIGURES` is the registry the CLI walks; later figures (super-weight spike profile, inference speedup)
   plug in the same way (`plot_spike_profile`, `plot_speedup` take their own input files); the figures across
-  super-weight models live in `superweight_report.py` and draw their spike panels with `spike_panel`.
+  super-weight models live in `superweight/report.py` and draw their spike panels with `spike_panel`.
 
 CLI: `sparsescale figures --runs results/tables/runs.csv --curves results/tables/curves.csv
 --fit-dir results/fit --out results/figures` writes `{name}.png` and `{name}.pdf` per figure.
@@ -142,6 +143,18 @@ def _law(fit: dict, n, s):
     return law(fit["params"], n, s, fit.get("form", "paper"))
 
 
+def precision_panels(axes, cells: pd.DataFrame, fits: dict):
+    """One panel per precision, titled, in the fixed order: yields (ax, that precision's cells, its fit or None);
+    a precision without runs gets a "no runs" panel and is not yielded."""
+    for ax, prec in zip(axes, PRECISIONS):
+        ax.set_title(PRECISION_LABEL[prec])
+        c = cells[cells.precision == prec]
+        if c.empty:
+            no_data(ax, "no runs")
+            continue
+        yield ax, c, fits.get(prec)
+
+
 def side_legend(fig: Figure, handles: list, title: str | None = None) -> None:
     fig.legend(handles=handles, loc="outside right center", title=title, fontsize="small", title_fontsize="small")
 
@@ -169,12 +182,7 @@ def plot_scaling(runs: pd.DataFrame, fits: dict) -> Figure:
     colors = s_colors(cells.sparsity)
     with theme():
         fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
-        for ax, prec in zip(axes[0], PRECISIONS):
-            ax.set_title(PRECISION_LABEL[prec])
-            c, fit = cells[cells.precision == prec], fits.get(prec)
-            if c.empty:
-                no_data(ax, "no runs")
-                continue
+        for ax, c, fit in precision_panels(axes[0], cells, fits):
             grid = np.geomspace(c.n_params.min() / 1.4, c.n_params.max() * 1.4, 200)
             for s, g in c.groupby("sparsity"):
                 ax.errorbar(g.n_params, g["mean"], yerr=g["std"], fmt="o", ms=4, capsize=2, color=colors[s], zorder=3)
@@ -204,12 +212,7 @@ def plot_loss_vs_sparsity(runs: pd.DataFrame, fits: dict) -> Figure:
     sizes = dict(zip(cells.n_params, cells["size"]))
     with theme():
         fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
-        for ax, prec in zip(axes[0], PRECISIONS):
-            ax.set_title(PRECISION_LABEL[prec])
-            c, fit = cells[cells.precision == prec], fits.get(prec)
-            if c.empty:
-                no_data(ax, "no runs")
-                continue
+        for ax, c, fit in precision_panels(axes[0], cells, fits):
             grid = np.linspace(0.0, min(0.95, c.sparsity.max() + 0.05), 200)
             for n, g in c.groupby("n_params"):
                 ax.errorbar(g.sparsity, g["mean"], yerr=g["std"], fmt="o", ms=4, capsize=2, color=colors[n], zorder=3)
@@ -308,12 +311,7 @@ def plot_activated(runs: pd.DataFrame, fits: dict) -> Figure:
     colors = s_colors(cells.sparsity)
     with theme():
         fig, axes = figure_grid(1, 2, (7.2, 3.0), sharey=True)
-        for ax, prec in zip(axes[0], PRECISIONS):
-            ax.set_title(PRECISION_LABEL[prec])
-            c, fit = cells[cells.precision == prec], fits.get(prec)
-            if c.empty:
-                no_data(ax, "no runs")
-                continue
+        for ax, c, fit in precision_panels(axes[0], cells, fits):
             grid = np.geomspace(c.n_active.min() / 1.4, c.n_active.max() * 1.4, 200)
             for s, g in c.groupby("sparsity"):
                 ax.errorbar(g.n_active, g["mean"], yerr=g["std"], fmt="o", ms=4, capsize=2, color=colors[s], zorder=3)

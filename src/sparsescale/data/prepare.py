@@ -90,12 +90,18 @@ def prepare(corpus: Corpus, out: str | os.PathLike, *, vocab_size: int = DEFAULT
                                 "each split in key order; train truncated to max_train_tokens",
                       "val_fraction": val_fraction, "seed": seed, "max_train_tokens": max_train_tokens},
             "sha256": {name: sha256_file(tmp / name) for name in files},
-            "command": command_line(),
-            "elapsed_s": round(time.time() - t0, 3),
-            "versions": versions(),
         }
-        write_json(tmp / "meta.json", meta)
+        write_record(tmp / "meta.json", meta, t0)
     return meta
+
+
+def write_record(path: str | os.PathLike, record: dict, t0: float) -> dict:
+    """Write a preparation step's JSON record (meta.json of either layout, tokenizer_meta.json, part.json) with
+    the provenance every one of them ends with: the command line, the seconds since `t0`, the library versions.
+    Adds those keys to `record` (last, in that order) and returns it."""
+    record.update(command=command_line(), elapsed_s=round(time.time() - t0, 3), versions=versions())
+    write_json(path, record)
+    return record
 
 
 def corpus_sha256(docs: list[str]) -> str:

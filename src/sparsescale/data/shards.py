@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from sparsescale.data.prepare import write_record
 from sparsescale.data.sources import stream_source
 from sparsescale.data.tokenizer import (check_vocab_size, document_key, load_hf_tokenizer, sample_documents,
                                         token_dtype, train_bpe)
 from sparsescale.errors import UserError
-from sparsescale.io import atomic_dir, atomic_path, command_line, read_json, sha256_file, versions, write_json
+from sparsescale.io import atomic_dir, atomic_path, read_json, sha256_file, write_json
 
 SHARDED_FORMAT = 2  # meta.json of a sharded dataset (the single-file one is format 1)
 INDEX_DTYPE = np.dtype([("key", "<f8"), ("n_tokens", "<i8")])  # one record per document of a bucket
@@ -97,11 +98,8 @@ def build_tokenizer(spec: dict, out: str | os.PathLike, *, vocab_size: int | Non
             "val_fraction": val_fraction,
             "seed": seed,
             "source": spec,
-            "command": command_line(),
-            "elapsed_s": round(time.time() - t0, 3),
-            "versions": versions(),
         }
-        write_json(tmp / "tokenizer_meta.json", info)
+        write_record(tmp / "tokenizer_meta.json", info, t0)
     return info
 
 
@@ -184,9 +182,8 @@ def encode_part(spec: dict, tokenizer_dir: str | os.PathLike, out: str | os.Path
         record = {"part": part, "n_parts": n_parts, "n_shards": n_shards, "dtype": dtype.name,
                   "tokenizer_sha256": info["tokenizer_sha256"], "val_fraction": val_fraction, "seed": seed,
                   "buckets": {name: {"n_docs": int(n_docs[b]), "n_tokens": int(n_tokens[b])} for b, name in enumerate(names)},
-                  "source": stream.source, "inputs": stream.inputs, "licences": stream.licences,
-                  "command": command_line(), "elapsed_s": round(time.time() - t0, 3), "versions": versions()}
-        write_json(tmp / "part.json", record)
+                  "source": stream.source, "inputs": stream.inputs, "licences": stream.licences}
+        write_record(tmp / "part.json", record, t0)
     return record
 
 
@@ -328,11 +325,8 @@ def gather(tokenizer_dir: str | os.PathLike, part_records: list[str | os.PathLik
                                 "shard i of N holds the training keys in the i-th of N equal ranges; each in key order",
                       "val_fraction": info["val_fraction"], "seed": info["seed"], "max_train_tokens": None},
             "sha256": {name: hashes.get(name) or sha256_file(tmp / name) for name in files},
-            "command": command_line(),
-            "elapsed_s": round(time.time() - t0, 3),
-            "versions": versions(),
         }
-        write_json(tmp / "meta.json", meta)
+        write_record(tmp / "meta.json", meta, t0)
     return meta
 
 
