@@ -18,8 +18,9 @@ from sparsescale.superweight.ablate import (
 from sparsescale.superweight.cli import cli_superweight
 from sparsescale.superweight.detect import (
     ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, KNOWN_STATUSES, OFFICIAL_PROMPT, PERSIST, RULES,
-    Detection, SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights,
-    known_entry, known_table, layer_ratios, load_detection, siblings, spike_profile, spike_stats, super_positions,
+    Detection, SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights, is_echo,
+    known_entry, known_table, layer_ratios, layer_rule, load_detection, siblings, spike_profile, spike_stats,
+    super_positions,
 )
 from sparsescale.superweight.quantize import fake_quant_activations, quantize_tensor, quantized, sweep
 from sparsescale.superweight.summary import read_summary, summarize, summary_row
@@ -27,8 +28,9 @@ from sparsescale.superweight.summary import read_summary, summarize, summary_row
 __all__ = [
     "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT",
     "PERSIST", "RULES", "cli_superweight", "compare_known", "Detection", "edited", "effective_input",
-    "effective_weight", "fake_quant_activations", "is_ternary", "scale_target", "find_super_weights", "known_entry", "known_table",
-    "largest_other_weights", "layer_ratios", "load_detection", "pruned_others", "quantize_tensor", "quantized",
+    "effective_weight", "fake_quant_activations", "is_ternary", "scale_target", "find_super_weights", "is_echo",
+    "known_entry", "known_table", "largest_other_weights", "layer_ratios", "layer_rule", "load_detection",
+    "pruned_others", "quantize_tensor", "quantized",
     "read_summary", "restored_activation", "scaled", "siblings", "single_weight_effects", "spike_profile",
     "spike_stats", "summarize", "summary_row", "super_positions", "SuperWeight", "sweep", "zeroed",
 ]

@@ -28,6 +28,10 @@ Features
 - Q-Sparse models: hooks see the raw down_proj input (spikes reported on it); contributions use the effective
   input and weight (`effective_input`, `effective_weight`: top-K sparsified, ternary if 1.58-bit), and
   `kept_by_topk` says whether top-K keeps the super activation's input X[t, k].
+- Both decisions are pure functions of published-style numbers: `layer_rule(in_max, out_max)` (which layers
+  fire, from per-layer maxima alone) and `is_echo(layer, n_layers, output_spike, residual_after)` (the echo
+  filter); `find_super_weights` calls them, and tests/test_published_activations.py runs them on Llama-7B's
+  maxima as the authors' notebook prints them.
 - `spike_profile`: per-layer max |input|, max |output| (the paper's Fig. 3), JSON {"layers": [...]}.
   `spike_stats(model, input_ids)`: the detector's statistic (largest input / output ratio and its layer) in
   one forward pass without gradients, cheap enough for every evaluation of a training run.
@@ -214,6 +218,40 @@ def layer_ratios(values: list[float]) -> list[float]:
     return out
 
 
+def layer_rule(in_max: list[float], out_max: list[float], rule: str = "relative",
+               threshold: float = DEFAULT_THRESHOLD, abs_threshold: float = ABS_THRESHOLD):
+    """Which layers stand out, from per-layer maxima alone (the stand-out rule of the module docstring).
+
+    in_max, out_max: per layer (0-based, in order), the max |down_proj input| and max |output|; the absolute
+    value is taken, so the signed element of largest magnitude (what the authors' code prints) works too.
+    Returns (fires, in_ratios, out_ratios): fires[i] when layer i fires; the ratios are `layer_ratios` under
+    the relative rule (both >= threshold to fire) and None under the absolute one (both > abs_threshold).
+    """
+    if rule not in RULES:
+        raise UserError(f"rule must be one of {RULES}: got {rule!r}")
+    if len(in_max) != len(out_max):
+        raise UserError(f"one input maximum and one output maximum per layer: got {len(in_max)} and {len(out_max)}")
+    a, b = [abs(float(v)) for v in in_max], [abs(float(v)) for v in out_max]
+    if rule == "relative":
+        in_r, out_r = layer_ratios(a), layer_ratios(b)
+        return [x >= threshold and y >= threshold for x, y in zip(in_r, out_r)], in_r, out_r
+    return [x > abs_threshold and y > abs_threshold for x, y in zip(a, b)], [None] * len(a), [None] * len(a)
+
+
+def is_echo(layer: int, n_layers: int, output_spike: float, residual_after: float, persist: float = PERSIST,
+            echo_layers=()) -> bool:
+    """The echo filter: is a candidate of `layer` whose output spike is Y[t, j] = output_spike an echo?
+
+    True in the last layer (nothing downstream for it to reach through the skip connections), in a layer seen
+    echoing before (`echo_layers`), or when the spike does not persist in the residual stream:
+    |residual_after| < persist x |Y[t, j]|, residual_after being h[t, j], the layer's output at the same token
+    and channel (it cancels a massive activation instead of creating one). Any upper bound on |h[t, j]|, such
+    as the max |.| of the layer's output, proves an echo whenever it is below the bar.
+    """
+    persists = abs(float(residual_after)) >= persist * abs(float(output_spike))
+    return layer == n_layers - 1 or layer in echo_layers or not persists
+
+
 @dataclass
 class Detection:
     super_weights: list[SuperWeight]
@@ -258,25 +296,19 @@ def find_super_weights(model: nn.Module, tokenizer, prompt: str = OFFICIAL_PROMP
             profile = profile or {"layers": rows}
             in_max = [r["max_abs_input"] for r in rows]
             out_max = [r["max_abs_output"] for r in rows]
-            if rule == "relative":
-                in_r, out_r = layer_ratios(in_max), layer_ratios(out_max)
-                fires = [a >= threshold and b >= threshold for a, b in zip(in_r, out_r)]
-            else:
-                in_r, out_r = [None] * n_layers, [None] * n_layers
-                fires = [a > abs_threshold and b > abs_threshold for a, b in zip(in_max, out_max)]
+            fires, in_r, out_r = layer_rule(in_max, out_max, rule, threshold, abs_threshold)
             new, record = [], []
             for layer in (i for i in range(n_layers) if fires[i]):
                 sw = _candidate(mods[layer], layer, xs[layer], ys[layer], rows[layer], it, in_r[layer], out_r[layer])
                 if sw.coord in {s.coord for s in found}:
                     continue
-                y = sw.output_spike
-                persists = abs(float(hs[layer][sw.token_index, sw.row])) >= persist * abs(y)
-                is_echo = layer == n_layers - 1 or layer in echo_layers or not persists
-                status = "diffuse" if sw.concentration < threshold else "echo" if is_echo else "super_weight"
+                echo = is_echo(layer, n_layers, sw.output_spike, float(hs[layer][sw.token_index, sw.row]), persist,
+                               echo_layers)
+                status = "diffuse" if sw.concentration < threshold else "echo" if echo else "super_weight"
                 record.append({**dataclasses.asdict(sw), "status": status})
                 if status == "diffuse":
                     continue
-                if is_echo:
+                if echo:
                     echo_layers.add(layer)
                     echoes.setdefault(sw.coord, sw)
                 else:
