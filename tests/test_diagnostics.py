@@ -216,7 +216,8 @@ def test_fit_tables_and_figure_carry_the_diagnostics(tmp_path, capsys):
 def test_shape_check_finds_the_steps_that_break_the_law_with_their_seed_noise():
     exact = planted(0, noise=0.0)
     clean = dg.shape_check(exact)
-    assert clean["loss_falls_with_n"] and clean["gap_grows_with_s"] and clean["flags"] == {}
+    assert clean["loss_falls_with_n"] and clean["gap_grows_with_s"] and clean["gap_shrinks_with_n"]
+    assert clean["flags"] == {}
     assert clean["seed_sd"] == pytest.approx(0.0, abs=1e-12)
     # the planted law: the gap to dense at N = 800k and S = 0.9 is L(N, 0.9) - L(N, 0)
     assert clean["gaps"][800_000.0][0.9] == pytest.approx(sc.law(PAPER, 800_000, 0.9) - sc.law(PAPER, 800_000, 0.0))
@@ -243,10 +244,21 @@ def test_shape_check_finds_the_steps_that_break_the_law_with_their_seed_noise():
     assert small[0]["step"] == pytest.approx(-0.001)
     # the inflated cell also makes the gap of N = 800k fall from S = 0.5 to 0.6: that one is beyond the noise
     assert [(v["n_params"], v["from"], v["to"]) for v in got["violations_s"] if v["significant"]] == [(800_000, 0.5, 0.6)]
+    # the law's gap (A(S) - A(0)) / N^alpha shrinks with N: the inflated cell makes the S = 0.5 gap grow from
+    # 330k to 800k (0.0286 -> 0.1761, beyond 2 s.e. of a gap step: four cells of s.e. 0.01 -> 0.02), and the
+    # lowered cell makes the S = 0.6 gap grow from 13k to 110k by 0.00997 (within the noise)
+    assert not got["gap_shrinks_with_n"]
+    assert [(v["sparsity"], v["from"], v["to"], v["significant"]) for v in got["violations_gap_n"]] == [
+        (0.5, 330_000, 800_000, True), (0.6, 13_000, 110_000, False)]
+    vg = got["violations_gap_n"][0]
+    assert vg["value_from"] == pytest.approx(0.0286, abs=1e-4) and vg["value_to"] == pytest.approx(0.1761, abs=1e-4)
+    assert vg["se"] == pytest.approx(0.02, abs=1e-6)
+    assert "S = 0.5, N 330,000 -> 800,000: 0.0286 -> 0.1761" in got["flags"]["gap_not_shrinking_with_n"]
     # only steps beyond 2 standard errors are flagged, and the message names the first
-    assert set(got["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s"}
+    assert set(got["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s", "gap_not_shrinking_with_n"}
     assert "N = 800,000, S 0.5 -> 0.6" in got["flags"]["gap_not_growing_with_s"]
     assert "S = 0.5, N 330,000 -> 800,000" in got["flags"]["loss_not_falling_with_n"]
     # one seed per cell: no noise estimate, every violation counts
     one = dg.shape_check(runs[runs["seed"] == 0])
-    assert one["seed_sd"] is None and set(one["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s"}
+    assert one["seed_sd"] is None and set(one["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s",
+                                                              "gap_not_shrinking_with_n"}

@@ -128,8 +128,9 @@ def _monotone_violations(means: pd.DataFrame, se: pd.DataFrame | None, axis: str
 
 def shape_check(runs: pd.DataFrame) -> dict:
     """Do the cell means have the law's shape? Loss falls with N at every S; the gap to dense, L(N,S) - L(N,0),
-    grows with S at every N. Violations are listed with the standard error of the step (pooled seed variance);
-    one beyond 2 standard errors (or any, with one seed per cell) is flagged."""
+    grows with S at every N; and that gap, (A(S) - A(0)) / N^alpha under the law, shrinks with N at every S > 0.
+    Violations are listed with the standard error of the step (pooled seed variance); one beyond 2 standard
+    errors (or any, with one seed per cell) is flagged."""
     cells = _cells(runs)["val_loss"]
     means = cells.mean().unstack("sparsity")  # rows N, columns S
     counts = cells.size().unstack("sparsity")
@@ -138,15 +139,20 @@ def shape_check(runs: pd.DataFrame) -> dict:
     seed_sd = float(np.sqrt((dev ** 2).sum() / dof)) if dof > 0 else None
     se = None if seed_sd is None else seed_sd / np.sqrt(counts)
     falls = _monotone_violations(means, se, "n", "falls")
-    grows, gaps = [], None
+    grows, shrinks, gaps = [], [], None
     if 0.0 in means.columns:
         gap = means.sub(means[0.0], axis=0)
         gaps = {float(n): {float(s): float(v) for s, v in row.items() if pd.notna(v)} for n, row in gap.iterrows()}
         # a step of the gap between two sparsities is the step of the loss (the dense cell cancels): its noise too
         grows = _monotone_violations(gap, se, "s", "grows")
+        # a step of the gap between two sizes involves four cells: each gap's noise adds its dense cell's
+        sparse = [c for c in gap.columns if c > 0]
+        se_gap = None if se is None else ((se ** 2).add(se[0.0] ** 2, axis=0)) ** 0.5
+        shrinks = _monotone_violations(gap[sparse], None if se_gap is None else se_gap[sparse], "n", "falls")
     flags = {}
     for code, viol, what in (("loss_not_falling_with_n", falls, "loss does not fall with N"),
-                             ("gap_not_growing_with_s", grows, "the gap to dense does not grow with S")):
+                             ("gap_not_growing_with_s", grows, "the gap to dense does not grow with S"),
+                             ("gap_not_shrinking_with_n", shrinks, "the gap to dense does not shrink with N")):
         bad = [v for v in viol if v["significant"] is not False]
         if bad:
             first = bad[0]
@@ -155,7 +161,8 @@ def shape_check(runs: pd.DataFrame) -> dict:
             flags[code] = (f"{what} in {len(bad)} step(s) beyond 2 standard errors (e.g. {where}: "
                            f"{first['value_from']:.4f} -> {first['value_to']:.4f}): the law's shape does not hold there")
     return {"seed_sd": seed_sd, "loss_falls_with_n": not falls, "gap_grows_with_s": None if gaps is None else not grows,
-            "violations_n": falls, "violations_s": grows, "gaps": gaps, "flags": flags}
+            "gap_shrinks_with_n": None if gaps is None else not shrinks,
+            "violations_n": falls, "violations_s": grows, "violations_gap_n": shrinks, "gaps": gaps, "flags": flags}
 
 
 # ----------------------------------------------------------------------------------------------------

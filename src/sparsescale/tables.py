@@ -337,7 +337,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
     keys = [("sizes", "model sizes (N span)"), ("sparsities", "sparsities (largest)"), ("seeds", "seeds per cell"),
             ("tokens", "token budget D"), ("s_star", "S* [95% interval]"), ("no_opt", "resamples without a finite S*"),
             ("method", "bootstrap"), ("seed_sd", "seed s.d. of a run (nats)"),
-            ("falls", "loss falls with N at every S"), ("grows", "gap to dense grows with S at every N")]
+            ("falls", "loss falls with N at every S"), ("grows", "gap to dense grows with S at every N"),
+            ("shrinks", "gap to dense shrinks with N at every S")]
     sizes = sorted({(r.get("size") or fmt_n(r["n_params"]), r["n_params"]) for f in fits.values() if f
                     for r in (f.get("stability") or {}).get("drop_size") or []}, key=lambda t: t[1])
     sparsities = sorted({r["sparsity"] for f in fits.values() if f for r in (f.get("stability") or {}).get("drop_sparsity") or []})
@@ -367,7 +368,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
         cells["method"][prec] = f"{b.get('method', MISSING)}, {b.get('n_ok', MISSING)}/{b.get('n', MISSING)} refits"
         sh = f.get("shape") or {}
         cells["seed_sd"][prec] = fmt_num(sh.get("seed_sd")) if finite(sh.get("seed_sd")) else MISSING
-        for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s")):
+        for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s"),
+                              ("shrinks", "gap_shrinks_with_n", "violations_gap_n")):
             cells[key][prec] = _shape_cell(sh.get(ok), sh.get(viol) or [])
         for r in st.get("drop_size") or []:
             drop[f"size:{r.get('size') or fmt_n(r['n_params'])}"][prec] = _shift(r)
