@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from sparsescale.superweight import report as SR  # noqa: E402
 from sparsescale.superweight import summary as SS  # noqa: E402
@@ -353,6 +354,8 @@ def test_emergence_figure_plots_each_run_against_tokens_and_n():
     assert len(per_n) == 4 and all([float(v) for v in ln.get_xdata()] == [332448, 786432] for ln in per_n)
     assert sorted(tuple(float(v) for v in ln.get_ydata()) for ln in per_n)[-1] == (5.0, 50.0)  # last evaluation
     assert ax_n.get_xscale() == "log" and ax_tok.get_yscale() == "log"
+    # no minor labels on the log axes (2x10^5, 3x10^5, ... overlapped on the reference sweep's N axis)
+    assert all(isinstance(a.get_minor_formatter(), NullFormatter) for a in (ax_n.xaxis, ax_n.yaxis, ax_tok.yaxis))
     assert any(ln.get_linestyle() == ":" and float(ln.get_ydata()[0]) == 10.0 for ln in ax_tok.get_lines())
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "S = 0% (dense)" in legend and "detection threshold (10)" in legend

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from sparsescale.plots import (
     CB, N_LABEL, PRECISION_STYLE, figure_grid, side_legend, no_data, percent_axis, s_colors, s_label, sequential_colors,
@@ -304,11 +304,17 @@ def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT
                 ax.plot(m.index, m.values, color=colors[s], ls=PRECISION_STYLE.get(prec, ":"), lw=1.0, marker="s", ms=3)
             if not pts.empty:
                 ax.set_xscale("log")
-                ax.set_xlabel(N_LABEL + " (last evaluation)")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 100k, 200k, 500k: a sweep spans < 2 decades
+                ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^5, 3x10^5, ...) overlapped
+                ax.set_xlabel(N_LABEL + "\n(last evaluation)")
             for a in axes[row]:
                 if a.has_data():
                     a.axhline(threshold, color="0.4", ls=":", lw=0.9)
                     a.set_yscale("log")
+                    a.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10: ratios read directly
+                    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    a.yaxis.set_minor_formatter(NullFormatter())
         handles = [Line2D([], [], color=colors[s], lw=1.2, label=s_label(s)) for s in colors]
         handles += [Line2D([], [], color="0.3", ls=PRECISION_STYLE[p], lw=1.2, label=PRECISION_LABEL[p])
                     for p in PRECISIONS if (c.precision == p).any()]
