@@ -81,52 +81,49 @@ def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(topk_mask(x, k), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-_numba_kernels: dict[bool, object] = {}
+@numba.njit(cache=True, inline="always")
+def _mask_row(x, t, k, out, r):  # row r of x, out: keep |x| >= t, then drop the last ties: k in all
+    xr, orow = x[r], out[r]
+    D = xr.shape[0]
+    c = 0
+    for j in range(D):  # branch-free select (vectorises): 20x faster than branching on ties here
+        v = xr[j]
+        keep = abs(v) >= t
+        orow[j] = v if keep else 0.0
+        c += keep
+    j = D - 1
+    while c > k and j >= 0:  # entries equal to t beyond the k-th: zero the last ones (first ties kept)
+        if abs(xr[j]) == t:
+            orow[j] = 0.0
+            c -= 1
+        j -= 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _mask_rows_parallel(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x|
+    for r in numba.prange(x.shape[0]):
+        _mask_row(x, thr[r], k, out, r)
+
+
+@numba.njit(cache=True)
+def _mask_rows_serial(x, thr, k, out):
+    for r in range(x.shape[0]):
+        _mask_row(x, thr[r], k, out, r)
 
 
 def _get_numba_kernel(parallel: bool = False):
-    """Compile (once, cached on disk) the masking pass of the CPU path: given the k-th largest magnitude of
-    every row, keep the entries at or above it and drop the last ties, so that exactly k entries survive
-    (the first ties by position are kept).
+    """The masking pass of the CPU path (compiled on first call, cached on disk): given the k-th largest
+    magnitude of every row, keep the entries at or above it and drop the last ties, so that exactly k entries
+    survive (the first ties by position are kept).
 
     A serial and a parallel build: with one thread the serial one is used, because an OpenMP pool that was
     started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep. The two are
     separate functions on purpose: numba's disk cache is keyed by the function's name, not by `parallel`, so
     one function compiled both ways would load the parallel machine code into a serial caller (and start the
-    pool anyway, resetting torch's thread count)."""
-    if parallel not in _numba_kernels:
-        @numba.njit(cache=True, inline="always")
-        def mask_row(x, t, k, out, r):  # row r of x, out: keep |x| >= t, then drop the last ties: k in all
-            xr, orow = x[r], out[r]
-            D = xr.shape[0]
-            c = 0
-            for j in range(D):  # branch-free select (vectorises): 20x faster than branching on ties here
-                v = xr[j]
-                keep = abs(v) >= t
-                orow[j] = v if keep else 0.0
-                c += keep
-            j = D - 1
-            while c > k and j >= 0:  # entries equal to t beyond the k-th: zero the last ones (first ties kept)
-                if abs(xr[j]) == t:
-                    orow[j] = 0.0
-                    c -= 1
-                j -= 1
-
-        if parallel:
-            @numba.njit(parallel=True, cache=True)
-            def mask_rows_parallel(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x|
-                for r in numba.prange(x.shape[0]):
-                    mask_row(x, thr[r], k, out, r)
-
-            _numba_kernels[True] = mask_rows_parallel
-        else:
-            @numba.njit(cache=True)
-            def mask_rows_serial(x, thr, k, out):
-                for r in range(x.shape[0]):
-                    mask_row(x, thr[r], k, out, r)
-
-            _numba_kernels[False] = mask_rows_serial
-    return _numba_kernels[parallel]
+    pool anyway, resetting torch's thread count). They live at module level: numba's cache cannot match a
+    function defined inside another (a closure), so each new process compiled it again (~2 s) and appended
+    one more entry to the cache."""
+    return _mask_rows_parallel if parallel else _mask_rows_serial
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
