@@ -31,7 +31,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, MultipleLocator, NullFormatter, PercentFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, MultipleLocator, NullFormatter, PercentFormatter
 
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_path, read_json
@@ -124,6 +124,15 @@ def percent_axis(axis, decimals: int | None = 0) -> None:
         axis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:.3g}%".replace("-", "−")))
     else:
         axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=decimals))
+
+
+def log_n_axis(axis, subs: tuple[float, ...] | None = None) -> None:
+    """A log axis of N (or tokens) labelled 100k, 1M; no minor labels (2x10^4, 3x10^4, ... overlapped).
+    subs=(1, 2, 5): majors at 100k, 200k, 500k, for a sweep that spans < 2 decades. Call after set_xscale("log")."""
+    if subs is not None:
+        axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(EngFormatter(sep=""))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def fit_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -450,8 +459,7 @@ def plot_residuals(runs: pd.DataFrame, fits: dict) -> Figure:
             ax = row[0]
             ax.scatter(r.n_params * r.sparsity.map(soff), r.residual, c=[scolors[s] for s in r.sparsity], s=14, zorder=3)
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^4, 3x10^4, ...) overlapped
+            log_n_axis(ax.xaxis)
             ax.set_xlabel(N_LABEL)
             ax = row[1]
             noff = {n: 0.012 * (i - (len(ncolors) - 1) / 2) for i, n in enumerate(ncolors)}  # fixed dodge in S

@@ -39,7 +39,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from sparsescale.plots import (
-    CB, N_LABEL, PRECISION_STYLE, figure_grid, side_legend, no_data, percent_axis, s_colors, s_label, sequential_colors,
+    CB, N_LABEL, PRECISION_STYLE, figure_grid, side_legend, log_n_axis, no_data, percent_axis, s_colors, s_label, sequential_colors,
     spike_panel, theme,
 )
 from sparsescale.superweight.detect import DEFAULT_THRESHOLD
@@ -304,9 +304,7 @@ def plot_spike_emergence(curves: pd.DataFrame | None, threshold: float = DEFAULT
                 ax.plot(m.index, m.values, color=colors[s], ls=PRECISION_STYLE.get(prec, ":"), lw=1.0, marker="s", ms=3)
             if not pts.empty:
                 ax.set_xscale("log")
-                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 100k, 200k, 500k: a sweep spans < 2 decades
-                ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^5, 3x10^5, ...) overlapped
+                log_n_axis(ax.xaxis, subs=(1.0, 2.0, 5.0))
                 ax.set_xlabel(N_LABEL + "\n(last evaluation)")
             for a in axes[row]:
                 if a.has_data():
