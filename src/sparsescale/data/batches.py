@@ -17,7 +17,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from sparsescale.data.sources import check_sha256
 from sparsescale.data.tokenizer import portable
@@ -99,6 +98,8 @@ class ShardedTokens:
 
 def load_tokenizer(data_dir: str | os.PathLike):
     """The dataset's tokenizer as a `transformers.PreTrainedTokenizerFast` (saved portably, see tokenizer.py)."""
+    from transformers import AutoTokenizer  # here, not at the top: resolving it costs ~1 s that training never needs
+
     load_meta(data_dir)
     return portable(AutoTokenizer.from_pretrained(str(data_dir)))
 

@@ -11,11 +11,12 @@ Modules (imports run one way: cli -> summary, quantize, ablate -> detect -> prob
 - `cli`: `sparsescale superweight detect|ablate|quantize|summarize|report`.
 """
 
+import importlib
+
 from sparsescale.superweight.ablate import (
     is_ternary, largest_other_weights, pruned_others, restored_activation, scale_target, scaled, single_weight_effects,
     zeroed,
 )
-from sparsescale.superweight.cli import cli_superweight
 from sparsescale.superweight.detect import (
     ABS_THRESHOLD, DEFAULT_MODULE, DEFAULT_THRESHOLD, KNOWN_PATH, KNOWN_STATUSES, OFFICIAL_PROMPT, PERSIST, RULES,
     Detection, SuperWeight, compare_known, edited, effective_input, effective_weight, find_super_weights, is_echo,
@@ -23,7 +24,16 @@ from sparsescale.superweight.detect import (
     super_positions,
 )
 from sparsescale.superweight.quantize import fake_quant_activations, quantize_tensor, quantized, sweep
-from sparsescale.superweight.summary import read_summary, summarize, summary_row
+
+# cli and summary load pandas and scipy (~2 s): imported on first use, so that the training loop, which imports
+# `detect` for its spike statistic, does not pay for them.
+_LAZY = {"cli_superweight": "cli", "read_summary": "summary", "summarize": "summary", "summary_row": "summary"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"sparsescale.superweight.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ABS_THRESHOLD", "DEFAULT_MODULE", "DEFAULT_THRESHOLD", "KNOWN_PATH", "KNOWN_STATUSES", "OFFICIAL_PROMPT",
