@@ -73,6 +73,29 @@ def test_numba_and_torch_paths_agree_with_ties():
         assert torch.equal(out, ref)
 
 
+def test_zero_heavy_rows_select_among_the_non_zeros_by_the_same_rule():
+    """Inputs with >= ZERO_HEAVY exact zeros (ReLU^2's down projection) take the numba path that selects among
+    each row's non-zeros: the same kept set as the torch rule, ties and all-zero rows included, serial and
+    parallel builds."""
+    g = torch.Generator().manual_seed(0)
+    for zeros in (0.3, 0.75, 1.0):
+        x = torch.round(torch.randn(96, 100, generator=g) * 2) / 2  # many ties at the threshold
+        x[torch.rand(96, 100, generator=g) < zeros] = 0.0
+        x[:4, 5:] = 0.0  # rows with fewer non-zeros than k
+        for k in (3, 37, 50, 80):
+            ref = Q._topk_torch(x, k)
+            assert torch.all((ref != 0).sum(-1) <= k)
+            assert torch.equal(Q.topk_sparsify(x, k), ref), (zeros, k)
+            for kernel in (Q._get_zeros_kernel(False), Q._get_zeros_kernel(True)):
+                out = torch.full_like(x, float("nan"))
+                kernel(x.numpy(), k, out.numpy())
+                assert torch.equal(out, ref), (zeros, k)
+    big = torch.randn(64, 1000, generator=g)
+    big[torch.rand(64, 1000, generator=g) < 0.5] = 0.0  # quickselect rounds beyond the insertion-sort tail
+    assert torch.equal(Q.topk_sparsify(big, 300), Q._topk_torch(big, 300))
+    assert (Q.topk_sparsify(big, 300) != 0).sum().item() == 64 * 300
+
+
 def test_block_nm_structure():
     torch.manual_seed(0)
     x = torch.randn(4, 64)
