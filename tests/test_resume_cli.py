@@ -34,7 +34,8 @@ TINY = {
              "val_fraction": 0.1},
     "sweep": {"sizes": ["d1", "d2"], "sparsity": [0.0, 0.5, 0.8], "precision": ["fp"], "seeds": [0]},
     "train": {"seq_len": 32, "batch_size": 4, "tokens": 512, "eval_tokens": 256, "checkpoint_every": 1,
-              "eval_every": 2, "threads": 1, "lr": {"fp": {"default": 3.0e-3}}},
+              "eval_every": 2, "threads": 1, "lr": {"fp": {"default": 3.0e-3}},
+              "warm_start": False},  # the test reads the frozen run's --out from its /proc cmdline: a forked run has none
     "resources": {"train": {"threads": 1, "gpu": 0, "mem_mb": 1000, "runtime": 5}},
     "fit": {"bootstrap": 2},
     "figures": {"enabled": True, "dpi": 60},

@@ -159,10 +159,11 @@ def run_config(command: str):
     p = config_parser("sparsescale train")
     p.add_argument("--nproc-per-node")
     p.add_argument("--nnodes")
+    p.add_argument("--warm-start", action="store_true")
     p.add_argument("--eval-out", required=True)
     a = p.parse_args(argv)
     eval_out = Path(a.eval_out)
-    del a.nproc_per_node, a.nnodes, a.eval_out
+    del a.nproc_per_node, a.nnodes, a.eval_out, a.warm_start
     cfg = config_from_args(a)
     assert isinstance(cfg, TrainConfig)
     assert eval_out == Path(cfg.out) / "eval.json"  # the train job re-measures its saved model

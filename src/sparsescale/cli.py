@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
-from sparsescale import __version__
+from sparsescale import __version__, warm
 from sparsescale.errors import TrainingDiverged, UserError
 
 # name -> (module, function, one-line help)
@@ -52,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    if name == warm.SERVER_COMMAND and len(rest) == 1:  # internal: started by `train --warm-start` (warm.py)
+        return warm.serve(Path(rest[0]), main)
     if name not in COMMANDS:
         print(f"sparsescale: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[name]
+    if name == "train" and warm.requested(rest):  # forked from a server that has imported torch (warm.py)
+        code = warm.run_client(name, rest)
+        if code is not None:
+            return code
     try:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except UserError as err:

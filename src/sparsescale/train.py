@@ -155,7 +155,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # time and CPU of a run (a resumed run adds what its checkpoint carries)
 
 def process_age() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere: since this module was imported)."""
+    """Seconds since this process started (Linux: from /proc; elsewhere: since this module was imported).
+    A run forked by the warm-start server (warm.py) counts from its client's start instead."""
+    if started := os.environ.get("SPARSESCALE_STARTED_AT"):
+        return max(0.0, time.time() - float(started))
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -514,7 +517,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def cli_train(argv: list[str]) -> int:
-    startup = (process_age(), time.process_time())  # interpreter start and imports: part of this run's cost
+    # interpreter start and imports: part of this run's cost (with a warm start: the client's, see warm.py)
+    startup = (process_age(), time.process_time() + float(os.environ.get("SPARSESCALE_STARTUP_CPU", "0")))
     p = config_parser("sparsescale train")
     launch = p.add_argument_group("processes (torchrun; srun + torchrun on several SLURM nodes)")
     launch.add_argument("--nproc-per-node", type=int, default=1,
@@ -524,8 +528,12 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--eval-out", metavar="EVAL_JSON",
                    help="then re-measure the saved model, loaded from disk, as `sparsescale eval` does, and write "
                         "this eval.json (in this process: no second start-up)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="fork this run from a server that has imported torch already (warm.py: ~7 s less start-up a "
+                        "run); without a server it runs in this process")
     a = p.parse_args(argv)
     nproc, nnodes = vars(a).pop("nproc_per_node"), vars(a).pop("nnodes")
+    vars(a).pop("warm_start")  # acted on by the CLI before this function (cli.py)
     eval_out = vars(a).pop("eval_out")
     cfg = config_from_args(a)
     if nproc * nnodes > 1 and not dist.under_torchrun():

@@ -280,8 +280,15 @@ def prepare_args():
 
 
 def launch_args(resources):
-    """Several GPUs or nodes: `sparsescale train` relaunches itself through torchrun (see distributed.py)."""
+    """Several GPUs or nodes: `sparsescale train` relaunches itself through torchrun (distributed.py); one
+    process: with train.warm_start, it forks from a server that has imported torch already (warm.py)
+    """
     gpus, nodes = int(resources.get("gpu", 0) or 0), int(resources.get("nodes", 1) or 1)
     if gpus > 1 or nodes > 1:
         return f"--nproc-per-node {max(gpus, 1)} --nnodes {nodes}"
-    return ""
+    return warm_flag()
+
+
+def warm_flag(*_):
+    """`--warm-start` when train.warm_start is on (every run and tune run skips ~7 s of imports; warm.py)."""
+    return "--warm-start" if config["train"].get("warm_start", False) else ""

@@ -23,8 +23,9 @@ rule tune_run:
     params:
         args=tune_args,
         out=lambda wc, output: os.path.dirname(output.done),
+        warm=warm_flag,
     shell:
-        "( sparsescale train --data {input.data} --out {params.out} {params.args} || [ $? -eq 3 ] ) > {log} 2>&1 "
+        "( sparsescale train {params.warm} --data {input.data} --out {params.out} {params.args} || [ $? -eq 3 ] ) > {log} 2>&1 "
         "&& touch {output.done}"
 
 
