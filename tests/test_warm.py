@@ -129,3 +129,29 @@ def test_too_long_socket_path_runs_in_process_with_one_message(dataset, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "longer than 107 bytes (the limit of a Unix socket): set SPARSESCALE_WARM_DIR" in proc.stderr
     assert json.loads((tmp_path / "run/final.json").read_text())["steps"] == 20
+
+
+def _server_processes(sock: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(sock).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_jobs_that_start_together_start_one_server(dataset, tmp_path, sock):
+    procs = [subprocess.Popen([SPARSESCALE, "train", "--warm-start", "--data", str(dataset), "--out",
+                               str(tmp_path / f"r{i}"), *ARGS], env=_env(sock, False, 5.0), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert all("warm start: the run is pid" in e for e in errs), errs
+    assert len(_server_processes(sock)) == 1 and len(_servers(sock)) == 1
+    deadline = time.monotonic() + 30
+    while _server_processes(sock) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _server_processes(sock) == [] and _servers(sock) == []  # idle: gone, socket and empty log removed
+    assert not list(sock.glob("sparsescale-warm-*/*.log"))

@@ -25,6 +25,7 @@ final.json). Several runs at once each get their own child.
 from __future__ import annotations
 
 import array
+import fcntl
 import gc
 import hashlib
 import json
@@ -150,8 +151,13 @@ def run_client(command: str, argv: list[str]) -> int | None:
         return None
     conn = _connect(path, 0.0)
     if conn is None:
-        server = _start_server(path)
-        conn = _connect(path, float(os.environ.get("SPARSESCALE_WARM_START_TIMEOUT", "120")), server)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:  # jobs that start together start one server
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            conn = _connect(path, 0.0)
+            if conn is None:
+                server = _start_server(path)
+                conn = _connect(path, float(os.environ.get("SPARSESCALE_WARM_START_TIMEOUT", "120")), server)
     if conn is None:
         print(f"sparsescale: warm start: no server at {path} (its log: {path.with_suffix('.log')}); running in "
               "this process", file=sys.stderr)
@@ -296,8 +302,9 @@ def serve(path: Path, run: Callable[[list[str]], int]) -> int:
                     sys.stderr.flush()
                     pid = os.fork()
                     if pid == 0:
+                        for other in sel.get_map().values():  # the other runs' connections are theirs
+                            other.fileobj.close()
                         sel.close()
-                        srv.close()
                         _child(conn, request, fds, run)
                     for fd in fds:
                         os.close(fd)
@@ -316,6 +323,9 @@ def serve(path: Path, run: Callable[[list[str]], int]) -> int:
         try:
             if path.stat().st_ino == inode:  # still ours (a server started later may have replaced it)
                 path.unlink()
+            log = path.with_suffix(".log")
+            if log.stat().st_size == 0:  # nothing went wrong: no log to keep
+                log.unlink()
         except OSError:
             pass
         srv.close()
