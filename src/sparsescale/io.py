@@ -2,7 +2,8 @@
 
 Every result file is written to a temporary sibling and renamed into place, so a job killed mid-write
 never leaves a partial file that looks complete (rename is atomic on POSIX within one filesystem).
-Every JSON result carries the versions of the software that made it (`versions()`).
+Every JSON result carries the versions of the software that made it (`versions()`), and a run's cost counts
+from its process's start (`process_age()`).
 """
 
 from __future__ import annotations
@@ -127,3 +128,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc (Linux); None where there is no /proc."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -59,6 +59,7 @@ from sparsescale.config import TrainConfig, count_params, field_docs, get_size
 from sparsescale.errors import TrainingDiverged, UserError
 from sparsescale.evaluate import evaluate_checkpoint
 from sparsescale.io import atomic_path, read_json, sha256_file, versions, write_json
+from sparsescale.io import process_age as io_process_age
 from sparsescale.superweight.detect import spike_stats
 from sparsescale.validation import autocast, evaluate_loss, lm_loss
 
@@ -159,12 +160,8 @@ def process_age() -> float:
     A run forked by the warm-start server (warm.py) counts from its client's start instead."""
     if started := os.environ.get("SPARSESCALE_STARTED_AT"):
         return max(0.0, time.time() - float(started))
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _IMPORTED
+    age = io_process_age()
+    return time.perf_counter() - _IMPORTED if age is None else age
 
 
 _IMPORTED = time.perf_counter()

@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from sparsescale.io import process_age
+
 FLAG = "--warm-start"
 SERVER_COMMAND = "warm-server"  # internal: `sparsescale warm-server SOCKET` (cli.main) runs `serve`
 ENV_FLAG = "SPARSESCALE_WARM"
@@ -112,12 +114,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 def _process_start_epoch() -> float:
     """Wall-clock time at which this process started (Linux /proc; elsewhere: now)."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
+    return time.time() - (process_age() or 0.0)
 
 
 def _connect(path: Path, timeout: float, server: subprocess.Popen | None = None) -> socket.socket | None:
