@@ -155,3 +155,19 @@ def test_jobs_that_start_together_start_one_server(dataset, tmp_path, sock):
         time.sleep(0.2)
     assert _server_processes(sock) == [] and _servers(sock) == []  # idle: gone, socket and empty log removed
     assert not list(sock.glob("sparsescale-warm-*/*.log"))
+
+
+def test_requested_only_for_one_process_and_never_inside_the_forked_run(monkeypatch):
+    from sparsescale import warm
+
+    monkeypatch.delenv("SPARSESCALE_WARM", raising=False)
+    monkeypatch.delenv("SPARSESCALE_WARM_CHILD", raising=False)
+    assert warm.requested(["--warm-start", "--size", "d1"])
+    assert not warm.requested(["--size", "d1"])
+    assert warm.requested(["--warm-start", "--nproc-per-node", "1", "--nnodes", "1"])
+    assert not warm.requested(["--warm-start", "--nproc-per-node", "2"])  # torchrun: a fork cannot hand it over
+    assert not warm.requested(["--warm-start", "--nnodes=2"])
+    monkeypatch.setenv("SPARSESCALE_WARM", "1")
+    assert warm.requested(["--size", "d1"])
+    monkeypatch.setenv("SPARSESCALE_WARM_CHILD", "1")
+    assert not warm.requested(["--warm-start"])

@@ -62,9 +62,16 @@ _CODE = struct.Struct("!i")
 
 
 def requested(argv: list[str]) -> bool:
-    """`sparsescale train --warm-start` or SPARSESCALE_WARM=1, and not already the forked run itself."""
+    """`sparsescale train --warm-start` or SPARSESCALE_WARM=1, not already the forked run itself, and one
+    process: a run of several (--nproc-per-node/--nnodes > 1) execs torchrun, which a fork cannot hand over."""
     if os.environ.get(CHILD_FLAG) == "1":
         return False
+    for opt in ("--nproc-per-node", "--nnodes"):
+        for i, arg in enumerate(argv):
+            value = arg.split("=", 1)[1] if arg.startswith(opt + "=") else (
+                argv[i + 1] if arg == opt and i + 1 < len(argv) else None)
+            if value is not None and value != "1":
+                return False
     return FLAG in argv or os.environ.get(ENV_FLAG, "0").lower() in ("1", "true", "yes")
 
 
