@@ -156,7 +156,7 @@ def run_client(command: str, argv: list[str]) -> int | None:
     conn = _connect(path, 0.0)
     if conn is None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:  # jobs that start together start one server
+        with open(path.parent / "start.lock", "w") as lock:  # jobs that start together start one server
             fcntl.flock(lock, fcntl.LOCK_EX)
             conn = _connect(path, 0.0)
             if conn is None:
