@@ -124,6 +124,16 @@ def test_killed_client_stops_its_run_and_an_idle_server_exits(dataset, tmp_path,
     assert _servers(sock) == []
 
 
+def test_unusable_socket_folder_runs_in_process_with_one_message(dataset, tmp_path):
+    blocker = tmp_path / "f"
+    blocker.write_text("a file where the socket folder would go")
+    proc = _train(tmp_path / "run", dataset, blocker, True)
+    assert proc.returncode == 0, proc.stderr
+    assert "(set SPARSESCALE_WARM_DIR to a writable folder); running in this process" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "run/final.json").read_text())["steps"] == 20
+
+
 def test_too_long_socket_path_runs_in_process_with_one_message(dataset, tmp_path):
     proc = _train(tmp_path / "run", dataset, tmp_path / ("x" * 120), True)
     assert proc.returncode == 0, proc.stderr

@@ -153,15 +153,20 @@ def run_client(command: str, argv: list[str]) -> int | None:
               "of a Unix socket): set SPARSESCALE_WARM_DIR to a shorter folder; running in this process",
               file=sys.stderr)
         return None
-    conn = _connect(path, 0.0)
-    if conn is None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(path.parent / "start.lock", "w") as lock:  # jobs that start together start one server
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            conn = _connect(path, 0.0)
-            if conn is None:
-                server = _start_server(path)
-                conn = _connect(path, float(os.environ.get("SPARSESCALE_WARM_START_TIMEOUT", "120")), server)
+    try:
+        conn = _connect(path, 0.0)
+        if conn is None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(path.parent / "start.lock", "w") as lock:  # jobs that start together start one server
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                conn = _connect(path, 0.0)
+                if conn is None:
+                    server = _start_server(path)
+                    conn = _connect(path, float(os.environ.get("SPARSESCALE_WARM_START_TIMEOUT", "120")), server)
+    except OSError as err:  # the socket folder cannot be made or written: the run goes on without a server
+        print(f"sparsescale: warm start: {err} (set SPARSESCALE_WARM_DIR to a writable folder); running in this "
+              "process", file=sys.stderr)
+        return None
     if conn is None:
         print(f"sparsescale: warm start: no server at {path} (its log: {path.with_suffix('.log')}); running in "
               "this process", file=sys.stderr)
@@ -170,8 +175,13 @@ def run_client(command: str, argv: list[str]) -> int | None:
     request = {"command": command, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
                "started_at": _process_start_epoch(), "client_cpu": time.process_time()}
     with conn:
-        _send_msg(conn, json.dumps(request).encode(), fds=[0, 1, 2])
-        pid = _CODE.unpack(_recv_exact(conn, _CODE.size))[0]
+        try:
+            _send_msg(conn, json.dumps(request).encode(), fds=[0, 1, 2])
+            pid = _CODE.unpack(_recv_exact(conn, _CODE.size))[0]
+        except (OSError, ConnectionError) as err:  # the server went away before forking: nothing has run yet
+            print(f"sparsescale: warm start: the server at {path} did not take the run ({err}); running in this "
+                  "process", file=sys.stderr)
+            return None
         print(f"sparsescale: warm start: the run is pid {pid}, forked from the server at {path}", file=sys.stderr,
               flush=True)
 
