@@ -124,8 +124,8 @@ def test_killed_client_stops_its_run_and_an_idle_server_exits(dataset, tmp_path,
     assert _servers(sock) == []
 
 
-def test_unusable_socket_folder_runs_in_process_with_one_message(dataset, tmp_path):
-    blocker = tmp_path / "f"
+def test_unusable_socket_folder_runs_in_process_with_one_message(dataset, tmp_path, sock):
+    blocker = sock / "f"  # short: under pytest-xdist tmp_path alone makes the socket path too long
     blocker.write_text("a file where the socket folder would go")
     proc = _train(tmp_path / "run", dataset, blocker, True)
     assert proc.returncode == 0, proc.stderr
