@@ -171,18 +171,8 @@ def _zeros_row(x, k, out, s, s2, r):  # row r: the top-k of its non-zeros (the z
         for j in range(D):
             orow[j] = xr[j]
         return
-    t = _kth_smallest(s, s2, m, m - k)  # the k-th largest magnitude (as bits)
-    c = 0
-    for j in range(D):
-        keep = (br[j] & _ABS_BITS) >= t
-        orow[j] = xr[j] if keep else 0.0
-        c += keep
-    j = D - 1
-    while c > k and j >= 0:  # first ties by position kept, as in _mask_row
-        if (br[j] & _ABS_BITS) == t:
-            orow[j] = 0.0
-            c -= 1
-        j -= 1
+    s[0] = _kth_smallest(s, s2, m, m - k)  # the k-th largest magnitude, as bits
+    _mask_row(x, s[:1].view(np.float32)[0], k, out, r)  # then the one masking pass (first ties kept)
 
 
 @numba.njit(parallel=True, cache=True)
