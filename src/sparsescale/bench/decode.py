@@ -6,9 +6,15 @@
     topk_dense   the Q-Sparse model at S, normal forward (top-K, then a dense matmul): what training runs
     sparse       the same model with `kernels.enable_sparse_decode` (exact top-K + sparse GEMV)
     threshold    (--threshold) calibrated magnitude thresholds instead of top-K: an approximation
+    fused        the sparse model through `kernels.fused_generate`: each decoder layer one compiled call
+                 (fp32, numba; the HF path spends about half of a token outside the GEMVs)
+    fused_s0     the same step on the S = 0 model (the own kernel reading every row)
+    fused_blas   the same step with every projection dense by BLAS: the dense baseline without HF's overhead
 
 `speedup` is sparse against the faster of the two baselines (`baseline` names it); `speedup_vs_dense` against
-the framework. The dense model has its own weights; every converted model shares one set, which the sparse
+the framework. `fused_speedup` is fused against the fastest of all four dense baselines (dense, kernel_s0,
+fused_s0, fused_blas; `fused_baseline` names it): the like-for-like number, since the fused step removes the
+same overhead from its dense baselines. The dense model has its own weights; every converted model shares one set, which the sparse
 path owns in its W^T layout (no second copy for fp/bf16: `extra_bytes` 0), so prefill and the top-K + dense
 variant multiply by the same memory. Weight memory per variant and the process's peak RSS are reported next
 to the speed.
@@ -40,7 +46,9 @@ COLUMNS = ("sparsity", "dense_tok_s", "sparse_tok_s", "speedup",  # the four the
            "threshold_tok_s", "threshold_speedup", "threshold_sparsity_measured", "sparse_sparsity_measured",
            "tokens_equal", "tokens_equal_prefix", "size", "dtype", "threads", "kernel_threads", "new_tokens",
            "vocab_size", "dense_share_head", "extra_bytes", "dense_weight_bytes", "sparse_weight_bytes",
-           "peak_rss_bytes")
+           "peak_rss_bytes", "fused_tok_s", "fused_s0_tok_s", "fused_blas_tok_s", "fused_speedup", "fused_baseline",
+           "fused_tokens_equal")
+FUSED = ("fused", "fused_s0", "fused_blas")
 
 
 def _generate(model, ids, n):
@@ -97,6 +105,8 @@ def bench_decode(argv: list[str]) -> int:
 
     s0 = converted(0.0)
     K.enable_sparse_decode(s0, backend=a.backend, threads=a.kernel_threads)
+    # the fused step runs fp32 on numba; elsewhere its columns are empty
+    fused = a.dtype == "fp32" and a.device == "cpu" and s0._sparse_decode.backend == "numba"
     rows = []
     for s in sparsities:
         sparse = converted(s)
@@ -104,6 +114,8 @@ def bench_decode(argv: list[str]) -> int:
         fns = {}
         variants = {"dense": (dense, None), "topk_dense": (sparse, decode.paused), "sparse": (sparse, None),
                     "kernel_s0": (s0, None)}
+        if fused:
+            variants.update({"fused": (sparse, "sparse"), "fused_s0": (s0, "sparse"), "fused_blas": (s0, "blas")})
         if a.threshold:
             thr_model = converted(s)
             calib = torch.randint(0, a.vocab_size, (4, 64), generator=g).to(a.device)
@@ -112,6 +124,9 @@ def bench_decode(argv: list[str]) -> int:
             variants["threshold"] = (thr_model, None)
         for name, (model, ctx) in variants.items():
             for n in (1, n_new):
+                if name in FUSED:
+                    fns[(name, n)] = (lambda m=model, n=n, how=ctx: K.fused_generate(m, ids, n, a.kernel_threads, how))
+                    continue
                 run = _generate(model, ids, n)
                 if ctx is not None:
                     run = (lambda r=run, c=ctx: _in(c, r))
@@ -137,7 +152,7 @@ def bench_decode(argv: list[str]) -> int:
                "kernel_threads": a.kernel_threads or torch.get_num_threads(), "new_tokens": n_new,
                "vocab_size": a.vocab_size, "dense_share_head": head_share, "extra_bytes": decode.extra_bytes,
                "dense_weight_bytes": _param_bytes(dense), "sparse_weight_bytes": decode.weight_bytes,
-               "peak_rss_bytes": _peak_rss()}
+               "peak_rss_bytes": _peak_rss(), **_fused_columns(tok_s, outs)}
         rows.append(row)
         print(f"S={s:.2f}  sparse {tok_s['sparse']:.2f} tok/s = {row['speedup']:.2f}x the faster baseline "
               f"({base_name} {row['baseline_tok_s']:.2f} tok/s); weights: dense {_mib(row['dense_weight_bytes'])}, "
@@ -153,6 +168,10 @@ def bench_decode(argv: list[str]) -> int:
               f"(ideal {row['ideal']:.2f}x for the sparsified weights; embeddings, LM head, attention stay)")
         print(f"        tokens equal (sparse vs top-K dense): {row['tokens_equal']} (first "
               f"{row['tokens_equal_prefix']} of {n_new} new tokens agree)")
+        if fused:
+            print(f"        fused step: sparse {row['fused_tok_s']:.2f} tok/s = {row['fused_speedup']:.2f}x the fastest "
+                  f"dense ({row['fused_baseline']}); own kernel at S=0 {row['fused_s0_tok_s']:.2f}, BLAS "
+                  f"{row['fused_blas_tok_s']:.2f} tok/s; tokens equal to top-K dense: {row['fused_tokens_equal']}")
         del sparse, decode, fns, variants, outs
     if a.out:
         write_csv(a.out, rows, COLUMNS)
@@ -162,6 +181,17 @@ def bench_decode(argv: list[str]) -> int:
             "machine": info, "loadavg_end": os.getloadavg(), "rows": rows, "versions": versions()})
         print(f"wrote {a.out}")
     return 0
+
+
+def _fused_columns(tok_s: dict, outs: dict) -> dict:
+    """The fused step's columns: its speed against the fastest dense baseline, HF's or its own."""
+    if "fused" not in tok_s:
+        return {"fused_tok_s": float("nan"), "fused_s0_tok_s": float("nan"), "fused_blas_tok_s": float("nan"),
+                "fused_speedup": float("nan"), "fused_baseline": "", "fused_tokens_equal": ""}
+    base = max(("dense", "kernel_s0", "fused_s0", "fused_blas"), key=lambda n: tok_s[n])
+    return {"fused_tok_s": tok_s["fused"], "fused_s0_tok_s": tok_s["fused_s0"], "fused_blas_tok_s": tok_s["fused_blas"],
+            "fused_speedup": tok_s["fused"] / tok_s[base], "fused_baseline": base,
+            "fused_tokens_equal": bool(torch.equal(outs["fused"], outs["topk_dense"]))}
 
 
 def _equal_prefix(a: torch.Tensor, b: torch.Tensor, start: int) -> int:

@@ -9,6 +9,8 @@ Features
   as uint16 and widened to fp32 in registers (`_to_f32`). threads=1 runs on the calling thread (no pool to
   wake); more use numba's workqueue layer (see `numba_threads.prefer_workqueue`).
 - `union_gemm_cpu`: batch > 1 over the union of the tokens' active inputs.
+- `gemv_serial`, `gemv_parallel`: the compiled kernels behind `sparse_gemv_cpu` (one thread; numba's pool),
+  callable from other compiled code (`step`).
 - `hugepage_empty(shape, dtype)`: CPU memory advised for transparent huge pages; `hugepage_linears(model)`
   moves the decoder-layer linear weights there in their own layout (the dense baseline's equal treatment).
 """
@@ -170,7 +172,7 @@ if HAVE_NUMBA:
             y[j] = s
 
     @njit(parallel=True, cache=True, boundscheck=False)
-    def _sparse_gemv_parallel(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
+    def gemv_parallel(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
         """y (d_out,) = W^T[active]^T x[active]; w: flat (D_in * d_out,) fp32 or uint16 (bf16 bits); returns n."""
         n = _select(x, how, k, thr, idx)
         part = np.empty((n_split, d_out), np.float32)
@@ -180,7 +182,7 @@ if HAVE_NUMBA:
         return n
 
     @njit(cache=True, boundscheck=False)
-    def _sparse_gemv_serial(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
+    def gemv_serial(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
         """The same on the calling thread only: no thread pool to wake (see `threads` in SparseWeight)."""
         n = _select(x, how, k, thr, idx)
         part = np.empty((n_split, d_out), np.float32)
@@ -237,7 +239,7 @@ def sparse_gemv_cpu(flat: np.ndarray, d_out: int, x: np.ndarray, how: int, k: in
     """(y (d_out,) fp32, n active) for one token x (D_in,) fp32; flat: W^T as (D_in * d_out,) fp32 or uint16."""
     threads = numba_threads(threads)
     n_col, n_split = tiles or column_tiles(d_out, threads)
-    kernel = _sparse_gemv_parallel if threads > 1 else _sparse_gemv_serial
+    kernel = gemv_parallel if threads > 1 else gemv_serial
     y = np.empty(d_out, np.float32)
     n = kernel(flat, d_out, x, how, k, thr, idx, y, n_col, n_split)
     return y, int(n)

@@ -90,10 +90,14 @@ class _Group:
         self.calls = 0
         self.active = 0
 
+    def moved(self) -> bool:
+        """True when the members' weights no longer live in this group's W^T (model.to, load_state_dict)."""
+        return self.shared and self.members[0].weight.data_ptr() != self._ptr
+
     def applies(self, x: torch.Tensor) -> bool:
         ok = (self.decode.active and x.shape[:-1].numel() == 1 and x.device == self.sw.wt.device
               and not (torch.is_grad_enabled() and x.requires_grad))
-        if ok and self.shared and self.members[0].weight.data_ptr() != self._ptr:
+        if ok and self.moved():
             raise UserError("the weights moved since enable_sparse_decode (model.to / load_state_dict replaced "
                             "them): call enable_sparse_decode(model) again")
         return ok

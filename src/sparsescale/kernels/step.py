@@ -1,0 +1,253 @@
+"""A compiled decode step: each decoder layer of one token in one numba call, and a greedy `fused_generate`.
+
+Why: at batch 1 on CPU, the sparse GEMV is only about half of a token's time through HF's modules. The rest
+(~40 ms a token at 300M, measured with cProfile) is Python and small-op dispatch: 24 layers of RMSNorm,
+rotary, KV-cache concatenation, attention and 168 projection calls. Here a layer is one call: RMSNorm, the
+fused q/k/v top-K + sparse GEMV, rotary, the KV cache (preallocated), attention, o, gate/up, the GLU
+(ReLU^2 or SiLU), down. It reads the weights where `enable_sparse_decode` put them (the groups' W^T, no
+copy), so a token costs its weight reads plus ~1 ms. This is the CPU counterpart of a graph-captured
+decode step (issue 17, item 5).
+
+Features
+- `FusedStep(model, max_len, threads=None)`: a model converted with plain top-K (any S; S = 0 reads every
+  row: the own-kernel baseline), fp32, with `enable_sparse_decode(model)` on the numba backend.
+  `step(token, pos)` returns the logits (vocab,) of one position; the KV cache holds `max_len` positions.
+- `fused_generate(model, input_ids, max_new_tokens, threads=None)`: greedy decoding of one sequence, the
+  prompt fed through the same step (so prefill and decode share one cache); returns the ids like HF
+  `generate` (prompt + new tokens).
+- Anything outside that scope (block N:M, 8-bit activations, rescale, threshold mode, bf16, biases,
+  rotary scaling, CUDA) is refused with the fix: use HF `generate` on the model with `enable_sparse_decode`.
+
+Numerics: the same fp32 operations as HF's Llama, summed in another order: logits agree to ~1e-5 relative
+and greedy tokens agree with the HF path (tests/test_fused_step.py); not bit for bit, unlike the HF path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from sparsescale.errors import UserError
+from sparsescale.kernels import cpu
+from sparsescale.layout import decoder_layers
+from sparsescale.numba_threads import numba_threads
+
+_ACTS = {"relu2": 0, "silu": 1}
+GEMVS = ("sparse", "blas")
+
+if cpu.HAVE_NUMBA:
+    from numba import njit  # numba is present when HAVE_NUMBA (guarded import in kernels.cpu)
+
+    @njit(cache=True, boundscheck=False)
+    def _rmsnorm(h, g, eps, out):
+        """out = g * h / sqrt(mean(h^2) + eps), fp32 as HF's LlamaRMSNorm."""
+        d = h.shape[0]
+        s = np.float32(0.0)
+        for j in range(d):
+            s += h[j] * h[j]
+        r = np.float32(1.0) / np.sqrt(np.float32(s / np.float32(d)) + np.float32(eps))
+        for j in range(d):
+            out[j] = g[j] * (h[j] * r)
+
+    @njit(cache=True, boundscheck=False)
+    def _gemv(par, w, d_out, x, k, idx, y, n_col, n_split):
+        """y = W (top-K of x) for W^T flat (D_in * d_out,); k >= D_in reads every row; k < 0: dense, by BLAS."""
+        if k < 0:
+            y[:] = np.dot(x, w.reshape(x.shape[0], d_out))
+            return x.shape[0]
+        if par:
+            return cpu.gemv_parallel(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
+        return cpu.gemv_serial(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
+
+    @njit(cache=True, boundscheck=False)
+    def _rope(v, n, hd, cos, sin, tmp):
+        """HF's rotary: v*cos + rotate_half(v)*sin for n heads of hd, in place."""
+        half = hd // 2
+        for h in range(n):
+            b = h * hd
+            for j in range(hd):
+                tmp[j] = v[b + j]
+            for j in range(half):
+                v[b + j] = tmp[j] * cos[j] + (-tmp[j + half]) * sin[j]
+            for j in range(half, hd):
+                v[b + j] = tmp[j] * cos[j] + tmp[j - half] * sin[j]
+
+    @njit(cache=True, boundscheck=False)
+    def _layer(h, pos, par, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
+               w_qkv, k_qkv, c_qkv, s_qkv, w_o, k_o, c_o, s_o, w_gu, k_gu, c_gu, s_gu, w_dn, k_dn, c_dn, s_dn):
+        """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
+        d = h.shape[0]
+        x = np.empty(d, np.float32)
+        _rmsnorm(h, g_in, eps, x)
+        dq, dk = n_heads * hd, n_kv * hd
+        qkv = np.empty(dq + 2 * dk, np.float32)
+        _gemv(par, w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
+        tmp = np.empty(hd, np.float32)
+        q = qkv[:dq]
+        kk = qkv[dq:dq + dk]
+        _rope(q, n_heads, hd, cos, sin, tmp)
+        _rope(kk, n_kv, hd, cos, sin, tmp)
+        for g in range(n_kv):
+            for j in range(hd):
+                kc[g, pos, j] = kk[g * hd + j]
+                vc[g, pos, j] = qkv[dq + dk + g * hd + j]
+        scale = np.float32(1.0 / np.sqrt(hd))
+        per = n_heads // n_kv
+        o = np.zeros(dq, np.float32)
+        p = np.empty(pos + 1, np.float32)
+        for hq in range(n_heads):
+            g = hq // per
+            m = np.float32(-np.inf)
+            for t in range(pos + 1):
+                s = np.float32(0.0)
+                for j in range(hd):
+                    s += q[hq * hd + j] * kc[g, t, j]
+                p[t] = s * scale
+                m = max(m, p[t])
+            z = np.float32(0.0)
+            for t in range(pos + 1):
+                p[t] = np.exp(p[t] - m)
+                z += p[t]
+            for t in range(pos + 1):
+                wt = p[t] / z
+                for j in range(hd):
+                    o[hq * hd + j] += wt * vc[g, t, j]
+        y = np.empty(d, np.float32)
+        _gemv(par, w_o, d, o, k_o, idx, y, c_o, s_o)
+        for j in range(d):
+            h[j] += y[j]
+        _rmsnorm(h, g_post, eps, x)
+        d_gu = w_gu.shape[0] // d
+        f = d_gu // 2
+        gu = np.empty(d_gu, np.float32)
+        _gemv(par, w_gu, d_gu, x, k_gu, idx, gu, c_gu, s_gu)
+        a = np.empty(f, np.float32)
+        for j in range(f):
+            g0 = gu[j]
+            if act == 0:
+                r = max(g0, np.float32(0.0))
+                a[j] = (r * r) * gu[f + j]
+            else:
+                a[j] = (g0 / (np.float32(1.0) + np.exp(-g0))) * gu[f + j]
+        _gemv(par, w_dn, d, a, k_dn, idx, y, c_dn, s_dn)
+        for j in range(d):
+            h[j] += y[j]
+
+
+def _group(mod, n_members: int, what: str):
+    """The decode group a projection leads, checked to be fused as expected and plain top-K on numba fp32."""
+    entry = mod.__dict__.get("_sparse_group")
+    if entry is None:
+        raise UserError("fused decoding needs enable_sparse_decode(model) first (backend numba)")
+    group, slot = entry
+    if slot != 0 or len(group.members) != n_members:
+        raise UserError(f"fused decoding needs {what} fused into one group (same shape and settings): "
+                        f"got {len(group.members)} member(s); use HF generate with enable_sparse_decode instead")
+    if group.sw.backend != "numba" or group.sw.wt.dtype != torch.float32:
+        raise UserError(f"fused decoding runs fp32 weights on the numba backend: got {group.sw.backend}/"
+                        f"{group.sw.wt.dtype}; use HF generate with enable_sparse_decode instead")
+    if not group.plain or group.mode != "topk" or group.bias is not None:
+        raise UserError(f"fused decoding supports plain top-K without biases: {what} has {group.settings}, "
+                        f"mode {group.mode!r}; use HF generate with enable_sparse_decode instead")
+    return group
+
+
+class FusedStep:
+    """The compiled per-layer step of a converted, sparse-decode-enabled fp32 Llama, with its own KV cache."""
+
+    def __init__(self, model, max_len: int, threads: int | None = None, gemv: str = "sparse"):
+        if gemv not in GEMVS:
+            raise UserError(f"gemv must be one of {GEMVS}: got {gemv!r}")
+        if not cpu.HAVE_NUMBA:
+            raise UserError("fused decoding needs numba: pip install numba")
+        cfg = model.config
+        if getattr(cfg, "hidden_act", None) not in _ACTS:
+            raise UserError(f"fused decoding supports hidden_act {sorted(_ACTS)}: got {cfg.hidden_act!r}")
+        rope = getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UserError(f"fused decoding supports the default rotary only: got rope_scaling {rope!r}")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise UserError("fused decoding supports models without biases")
+        self.model, self.max_len, self.gemv = model, int(max_len), gemv
+        self.threads = numba_threads(threads)
+        self.par = self.threads > 1
+        self.eps = float(cfg.rms_norm_eps)
+        self.act = _ACTS[cfg.hidden_act]
+        self.layers = []
+        for layer in decoder_layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = (_group(attn.q_proj, 3, "q/k/v"), _group(attn.o_proj, 1, "o"),
+                      _group(mlp.gate_proj, 2, "gate/up"), _group(mlp.down_proj, 1, "down"))
+            args = []
+            for g in groups:
+                k = -1 if gemv == "blas" else g.k if g.settings.sparsity > 0 else g.sw.d_in
+                n_col, n_split = g.sw.tiles or cpu.column_tiles(g.sw.d_out, self.threads)
+                args += [g.sw._flat, k, n_col, n_split]
+            norms = (layer.input_layernorm.weight.detach().float().numpy(),
+                     layer.post_attention_layernorm.weight.detach().float().numpy())
+            self.layers.append((groups, norms, args))
+        first = self.layers[0][0][0]
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = first.members[0].out_features // self.n_heads
+        self.d = first.sw.d_in
+        n_layers = len(self.layers)
+        self.kc = np.zeros((n_layers, self.n_kv, self.max_len, self.hd), np.float32)
+        self.vc = np.zeros_like(self.kc)
+        self.idx = np.empty(max(g.sw.d_in for gs, _, _ in self.layers for g in gs), np.int64)
+        inner = model.model
+        with torch.no_grad():
+            pos_ids = torch.arange(self.max_len).unsqueeze(0)
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos_ids)
+        self.cos, self.sin = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm, self.head = inner.norm, model.lm_head
+
+    def check(self) -> None:
+        """An error if the weights moved since `enable_sparse_decode` (the kernel would read stale memory)."""
+        if any(g.moved() for gs, _, _ in self.layers for g in gs) or not getattr(self.model, "_sparse_decode", None):
+            raise UserError("the model changed since enable_sparse_decode (weights moved or decoding disabled): "
+                            "call enable_sparse_decode(model) again, then fused_generate")
+
+    @torch.no_grad()
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        """Logits (vocab,) of the token `token` at position `pos`; the cache keeps its keys and values."""
+        if not 0 <= pos < self.max_len:
+            raise UserError(f"position {pos} is outside the KV cache of {self.max_len} positions: "
+                            "build the FusedStep with a larger max_len")
+        h = self.embed[token].float().numpy().copy()
+        for i, (_, (g_in, g_post), args) in enumerate(self.layers):
+            _layer(h, pos, self.par, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
+                   self.n_heads, self.n_kv, self.hd, self.act, self.idx, *args)
+        return self.head(self.norm(torch.from_numpy(h)))
+
+
+def fused_generate(model, input_ids: torch.Tensor, max_new_tokens: int, threads: int | None = None,
+                   gemv: str = "sparse") -> torch.Tensor:
+    """Greedy decoding of one sequence through `FusedStep`: (1, P + max_new_tokens) ids, like HF `generate`.
+    gemv="blas": every projection dense through BLAS in the same step (the dense baseline of the benchmark)."""
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise UserError(f"fused_generate decodes one sequence: input_ids of shape (1, P >= 1), got {tuple(ids.shape)}")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0: got {max_new_tokens}")
+    decode = getattr(model, "_sparse_decode", None)
+    if decode is None:
+        raise UserError("fused_generate needs enable_sparse_decode(model) first (backend numba)")
+    need = ids.shape[1] + max_new_tokens
+    step = getattr(decode, "fused", None)
+    if step is None or step.max_len < need or step.threads != numba_threads(threads) or step.gemv != gemv:
+        step = decode.fused = FusedStep(model, need, threads, gemv)
+    step.check()
+    out = ids[0].tolist()
+    with threadpool_limits(limits=step.threads, user_api="blas"):  # BLAS (gemv="blas") on as many threads
+        logits = None
+        for pos, tok in enumerate(out):
+            logits = step.step(tok, pos)
+        for _ in range(max_new_tokens):
+            out.append(int(logits.argmax()))
+            if len(out) < need:
+                logits = step.step(out[-1], len(out) - 1)
+    return torch.tensor([out], dtype=ids.dtype, device=ids.device)
