@@ -14,7 +14,7 @@ import yaml
 from sparsescale.cli import main
 from sparsescale.errors import UserError
 from sparsescale.io import write_json
-from sparsescale.tune import read_tune_runs, select
+from sparsescale.tune import interpolate_lr, read_tune_runs, select
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,6 +54,38 @@ def test_select_averages_over_sparsities_and_warns_at_edges_and_disagreements(tm
     fp = [r for r in out["table"] if r["precision"] == "fp"]
     assert [r["lr"] for r in fp] == [2e-3, 4e-3, 8e-3] and [r["chosen"] for r in fp] == [False, True, False]
     assert fp[1]["mean_loss"] == pytest.approx(3.61) and fp[2]["mean_loss"] == math.inf
+
+
+def test_interpolate_rule_gives_each_sparsity_its_winner(tmp_path):
+    out = select(read_tune_runs([str(d) for d in grid(tmp_path)]), "interpolate")
+    assert out["rule"] == "interpolate"
+    assert out["per_sparsity"] == {"d1": {"fp": {"0.00": 2e-3, "0.90": 4e-3}, "1.58": {"0.00": 1.2e-2, "0.90": 1.2e-2}}}
+    assert out["chosen"] == {"d1": {"fp": 4e-3, "1.58": 1.2e-2}}  # the mean rule's answer stays beside it
+    per = {0.0: 2e-3, 0.9: 4e-3}
+    assert interpolate_lr(per, 0.0) == pytest.approx(2e-3) and interpolate_lr(per, 0.9) == pytest.approx(4e-3)
+    assert interpolate_lr(per, 0.45) == pytest.approx(math.sqrt(8e-6))  # halfway in S: the geometric mean
+    assert interpolate_lr(per, 0.95) == pytest.approx(4e-3)  # clamped beyond the tuned range
+    assert interpolate_lr({0.0: 1e-3, 0.5: 4e-3, 0.9: 1e-3}, 0.7) == pytest.approx(2e-3)  # piecewise
+    assert sum("at the edge" in w for w in out["warnings"]) == 3  # d1 1.58 at both S, d1 fp at S = 0 (2e-3)
+    assert any(w.startswith("d1 fp: the best rate at S = 0, 0.002, is at the edge") for w in out["warnings"])
+    fp = [r for r in out["table"] if r["precision"] == "fp"]
+    assert [r["chosen"] for r in fp] == [True, True, False]
+    with pytest.raises(UserError, match="tune rule must be one of"):
+        select(read_tune_runs([str(d) for d in grid(tmp_path)]), "median")
+
+
+def test_cli_interpolated_lr(tmp_path, capsys):
+    dirs = [str(d) for d in grid(tmp_path / "runs")]
+    out = tmp_path / "tune"
+    assert main(["tune", "select", *dirs, "--out", str(out), "--rule", "interpolate"]) == 0
+    assert "interpolated between" in (out / "lr.md").read_text()
+    capsys.readouterr()
+    table = str(out / "lr.json")
+    assert main(["tune", "lr", table, "--size", "d1", "--precision", "fp", "--sparsity", "0.45"]) == 0
+    assert capsys.readouterr().out == "0.00282843\n"
+    assert main(["tune", "lr", table, "--size", "d1", "--precision", "fp"]) == 2
+    assert "interpolates the rate in S: pass --sparsity" in capsys.readouterr().err
+    assert main(["tune", "lr", table, "--size", "d9", "--precision", "fp", "--sparsity", "0.5"]) == 2
 
 
 def test_cli_select_and_lr(tmp_path, capsys):
@@ -96,4 +128,6 @@ def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate
     scratch = [c for c in train if "--mode" not in c]
     assert len(scratch) == 3 * 3 * 2
     assert all("--lr $(sparsescale tune lr results/smoke/tune/lr.json --size " in c for c in scratch)
+    assert all(f"--sparsity {shlex.split(c)[shlex.split(c).index('--sparsity') + 1]})" in c for c in scratch)
+    assert "--rule mean" in p.stdout
     assert "sparsescale tune select" in p.stdout

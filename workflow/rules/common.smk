@@ -149,7 +149,7 @@ def train_args(size, s, prec, seed, mode="scratch", **override):
         "precision": prec,
         "seed": seed,
         "lr": (
-            f"$(sparsescale tune lr {TUNE_LR} --size {size} --precision {prec})"
+            f"$(sparsescale tune lr {TUNE_LR} --size {size} --precision {prec} --sparsity {s})"
             if tuned() and mode == "scratch"
             else run_lr(size, prec, mode)
         ),

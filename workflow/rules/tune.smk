@@ -1,6 +1,7 @@
 # Learning rates chosen by the pipeline (tune.enabled): every size x precision at a few rates (tune.factors x
 # train.lr) at S = 0 and the largest S, on the sweep's own budget; `sparsescale tune select` keeps one rate per
-# size x precision (lowest validation loss averaged over the tuned sparsities) and the train rule reads it.
+# size x precision (tune.select "mean": lowest validation loss averaged over the tuned sparsities) or the winner
+# per tuned sparsity ("interpolate": log-linear in S between them), and the train rule reads it.
 # A diverged tune run is a result (that rate is too high), not a failure: exit code 3 with failed.json.
 
 
@@ -46,5 +47,6 @@ rule tune_select:
     params:
         dirs=lambda wc: " ".join(tune_runs()),
         out=lambda wc, output: os.path.dirname(output.lr),
+        rule=config.get("tune", {}).get("select", "mean"),
     shell:
-        "sparsescale tune select {params.dirs} --out {params.out} > {log} 2>&1"
+        "sparsescale tune select {params.dirs} --out {params.out} --rule {params.rule} > {log} 2>&1"
