@@ -65,6 +65,7 @@ class _Group:
         self.plain = s.block is None and s.act_bits is None and not s.rescale
         bounds = np.cumsum([0] + [m.out_features for m in members])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.widths = [m.out_features for m in members]
         w0 = lead.weight
         backend = resolve_backend(backend, w0.device, w0.dtype)
         self.shared = s.weight_bits != "1.58"  # ternary: the kernel reads the ternary values, a snapshot
@@ -87,6 +88,7 @@ class _Group:
              for b, m in zip(biases, members)])
         self.key = None  # the last input (held, so its identity cannot be reused) and its fused output
         self.out = None
+        self.parts = ()
         self.calls = 0
         self.active = 0
 
@@ -113,9 +115,11 @@ class _Group:
                 y, n = self.sw.run(self.members[0].sparsify_input(x1), NONZERO)
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
             self.key, self.out = x, (y + self.bias.to(y.dtype) if self.bias is not None else y)
+            # every member's view at once: one split is ~10x cheaper than a tensor index per member
+            self.parts = self.out.split(self.widths, -1) if len(self.members) > 1 else (self.out,)
             self.calls += 1
             self.active += n
-        return self.out[..., self.slices[slot]]
+        return self.parts[slot]
 
 
 def _decode_forward(self, x: torch.Tensor) -> torch.Tensor:

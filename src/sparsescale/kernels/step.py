@@ -18,11 +18,19 @@ Features
 - Anything outside that scope (block N:M, 8-bit activations, rescale, threshold mode, bf16, biases,
   rotary scaling, CUDA) is refused with the fix: use HF `generate` on the model with `enable_sparse_decode`.
 
-Numerics: the same fp32 operations as HF's Llama, summed in another order: logits agree to ~1e-5 relative
-and greedy tokens agree with the HF path (tests/test_fused_step.py); not bit for bit, unlike the HF path.
+Numerics: the GEMVs are the HF path's kernel; RMSNorm and attention accumulate in float64 and round once, so
+they land within an ulp or two of torch's blocked fp32 sums. That matters more than it looks: top-K is
+discontinuous, and with fp32 running sums (errors ~sqrt(d) ulp) a near-tie at the K-th magnitude flipped in
+some layer of a random-init 300M model and its first decoded token differed (logits 0.34 apart); with float64
+accumulation all 16 tokens agree. Logits agree with the model to ~1e-6 relative (tests/test_fused_step.py);
+not bit for bit, unlike the HF path.
+Threads: threads = 1 runs the cached serial layer; threads > 1 the same code on numba's pool, compiled in each
+process (not cached: a cached function calling a parallel one crashes when loaded back, numba issue 8578).
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import torch
@@ -43,22 +51,30 @@ if cpu.HAVE_NUMBA:
     def _rmsnorm(h, g, eps, out):
         """out = g * h / sqrt(mean(h^2) + eps), fp32 as HF's LlamaRMSNorm."""
         d = h.shape[0]
-        s = np.float32(0.0)
+        s = 0.0  # float64: close to the correctly rounded mean, as torch's blocked fp32 sum is (see the docstring)
         for j in range(d):
-            s += h[j] * h[j]
-        r = np.float32(1.0) / np.sqrt(np.float32(s / np.float32(d)) + np.float32(eps))
+            s += np.float64(h[j]) * np.float64(h[j])
+        r = np.float32(1.0) / np.sqrt(np.float32(s / d) + np.float32(eps))
         for j in range(d):
             out[j] = g[j] * (h[j] * r)
 
     @njit(cache=True, boundscheck=False)
-    def _gemv(par, w, d_out, x, k, idx, y, n_col, n_split):
+    def _gemv(w, d_out, x, k, idx, y, n_col, n_split):
         """y = W (top-K of x) for W^T flat (D_in * d_out,); k >= D_in reads every row; k < 0: dense, by BLAS."""
         if k < 0:
             y[:] = np.dot(x, w.reshape(x.shape[0], d_out))
             return x.shape[0]
-        if par:
-            return cpu.gemv_parallel(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
         return cpu.gemv_serial(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
+
+    # not cached: a cached function that calls a parallel one crashes when loaded from the cache (numba issue
+    # 8578), so the parallel layer below is compiled in each process that uses it (threads > 1, ~10 s)
+    @njit(boundscheck=False)
+    def _gemv_par(w, d_out, x, k, idx, y, n_col, n_split):
+        """`_gemv` on numba's thread pool."""
+        if k < 0:
+            y[:] = np.dot(x, w.reshape(x.shape[0], d_out))
+            return x.shape[0]
+        return cpu.gemv_parallel(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
 
     @njit(cache=True, boundscheck=False)
     def _rope(v, n, hd, cos, sin, tmp):
@@ -73,8 +89,7 @@ if cpu.HAVE_NUMBA:
             for j in range(half, hd):
                 v[b + j] = tmp[j] * cos[j] + tmp[j - half] * sin[j]
 
-    @njit(cache=True, boundscheck=False)
-    def _layer(h, pos, par, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
+    def _layer_py(h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
                w_qkv, k_qkv, c_qkv, s_qkv, w_o, k_o, c_o, s_o, w_gu, k_gu, c_gu, s_gu, w_dn, k_dn, c_dn, s_dn):
         """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
         d = h.shape[0]
@@ -82,7 +97,7 @@ if cpu.HAVE_NUMBA:
         _rmsnorm(h, g_in, eps, x)
         dq, dk = n_heads * hd, n_kv * hd
         qkv = np.empty(dq + 2 * dk, np.float32)
-        _gemv(par, w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
+        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
         tmp = np.empty(hd, np.float32)
         q = qkv[:dq]
         kk = qkv[dq:dq + dk]
@@ -92,36 +107,41 @@ if cpu.HAVE_NUMBA:
             for j in range(hd):
                 kc[g, pos, j] = kk[g * hd + j]
                 vc[g, pos, j] = qkv[dq + dk + g * hd + j]
-        scale = np.float32(1.0 / np.sqrt(hd))
+        scale = 1.0 / np.sqrt(hd)
         per = n_heads // n_kv
-        o = np.zeros(dq, np.float32)
-        p = np.empty(pos + 1, np.float32)
+        o = np.empty(dq, np.float32)
+        p = np.empty(pos + 1, np.float64)  # attention in float64, rounded once: see _rmsnorm
+        acc = np.empty(hd, np.float64)
         for hq in range(n_heads):
             g = hq // per
-            m = np.float32(-np.inf)
+            m = -np.inf
             for t in range(pos + 1):
-                s = np.float32(0.0)
+                s = 0.0
                 for j in range(hd):
-                    s += q[hq * hd + j] * kc[g, t, j]
+                    s += np.float64(q[hq * hd + j]) * np.float64(kc[g, t, j])
                 p[t] = s * scale
                 m = max(m, p[t])
-            z = np.float32(0.0)
+            z = 0.0
             for t in range(pos + 1):
                 p[t] = np.exp(p[t] - m)
                 z += p[t]
+            for j in range(hd):
+                acc[j] = 0.0
             for t in range(pos + 1):
                 wt = p[t] / z
                 for j in range(hd):
-                    o[hq * hd + j] += wt * vc[g, t, j]
+                    acc[j] += wt * np.float64(vc[g, t, j])
+            for j in range(hd):
+                o[hq * hd + j] = np.float32(acc[j])
         y = np.empty(d, np.float32)
-        _gemv(par, w_o, d, o, k_o, idx, y, c_o, s_o)
+        _gemv(w_o, d, o, k_o, idx, y, c_o, s_o)
         for j in range(d):
             h[j] += y[j]
         _rmsnorm(h, g_post, eps, x)
         d_gu = w_gu.shape[0] // d
         f = d_gu // 2
         gu = np.empty(d_gu, np.float32)
-        _gemv(par, w_gu, d_gu, x, k_gu, idx, gu, c_gu, s_gu)
+        _gemv(w_gu, d_gu, x, k_gu, idx, gu, c_gu, s_gu)
         a = np.empty(f, np.float32)
         for j in range(f):
             g0 = gu[j]
@@ -130,9 +150,14 @@ if cpu.HAVE_NUMBA:
                 a[j] = (r * r) * gu[f + j]
             else:
                 a[j] = (g0 / (np.float32(1.0) + np.exp(-g0))) * gu[f + j]
-        _gemv(par, w_dn, d, a, k_dn, idx, y, c_dn, s_dn)
+        _gemv(w_dn, d, a, k_dn, idx, y, c_dn, s_dn)
         for j in range(d):
             h[j] += y[j]
+
+    _layer = njit(cache=True, boundscheck=False)(_layer_py)
+    # the same code with the parallel GEMV (its own globals: `_gemv` is `_gemv_par` there), not cached (above)
+    _layer_par = njit(boundscheck=False)(types.FunctionType(_layer_py.__code__, {**globals(), "_gemv": _gemv_par},
+                                                            "_layer_par"))
 
 
 def _group(mod, n_members: int, what: str):
@@ -216,8 +241,9 @@ class FusedStep:
             raise UserError(f"position {pos} is outside the KV cache of {self.max_len} positions: "
                             "build the FusedStep with a larger max_len")
         h = self.embed[token].float().numpy().copy()
+        layer = _layer_par if self.par else _layer
         for i, (_, (g_in, g_post), args) in enumerate(self.layers):
-            _layer(h, pos, self.par, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
+            layer(h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
                    self.n_heads, self.n_kv, self.hd, self.act, self.idx, *args)
         return self.head(self.norm(torch.from_numpy(h)))
 
