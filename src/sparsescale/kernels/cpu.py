@@ -9,7 +9,8 @@ Features
   as uint16 and widened to fp32 in registers (`_to_f32`). threads=1 runs on the calling thread (no pool to
   wake); more use numba's workqueue layer (see `numba_threads.prefer_workqueue`).
 - `union_gemm_cpu`: batch > 1 over the union of the tokens' active inputs.
-- `gemv_serial`, `gemv_parallel`: the compiled kernels behind `sparse_gemv_cpu` (one thread; numba's pool),
+- `select_active`, `accumulate_rows`, `gemv_serial`, `gemv_parallel`: the compiled pieces behind `sparse_gemv_cpu`
+  (selection; one column block of the GEMV; the whole call on one thread or numba's pool),
   callable from other compiled code (`step`).
 - `hugepage_empty(shape, dtype)`: CPU memory advised for transparent huge pages; `hugepage_linears(model)`
   moves the decoder-layer linear weights there in their own layout (the dense baseline's equal treatment).
@@ -82,7 +83,7 @@ if HAVE_NUMBA:
         return np.partition(cand, m - rank)[m - rank]
 
     @njit(cache=True, boundscheck=False)
-    def _select(x, how, k, thr, idx):
+    def select_active(x, how, k, thr, idx):
         """Fill idx[:n] with the active positions of x in increasing order; return n.
         how 0: exact top-K of |x|: all entries above the K-th largest magnitude, then the first ties up to K
         (the rule of qsparse's kernel); 1: |x| > thr; 2: x != 0."""
@@ -124,7 +125,7 @@ if HAVE_NUMBA:
         return n
 
     @njit(cache=True, fastmath=True, boundscheck=False)
-    def _accumulate(w, d_out, x, idx, r0, r1, c0, c1, acc):
+    def accumulate_rows(w, d_out, x, idx, r0, r1, c0, c1, acc):
         """acc[:] += sum over active rows r0..r1 of x[i] * W^T[i, c0:c1]; 8 rows per pass over acc (8 streams)."""
         n = c1 - c0
         r = r0
@@ -160,7 +161,7 @@ if HAVE_NUMBA:
         c0 = min(d_out, cb * colw)
         c1 = min(d_out, c0 + colw)
         acc = np.zeros(c1 - c0, np.float32)  # this task's slice of y stays in L1/L2 while the rows stream
-        _accumulate(w, d_out, x, idx, kb * n // n_split, (kb + 1) * n // n_split, c0, c1, acc)
+        accumulate_rows(w, d_out, x, idx, kb * n // n_split, (kb + 1) * n // n_split, c0, c1, acc)
         part[kb, c0:c1] = acc
 
     @njit(cache=True, boundscheck=False)
@@ -174,7 +175,7 @@ if HAVE_NUMBA:
     @njit(parallel=True, cache=True, boundscheck=False)
     def gemv_parallel(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
         """y (d_out,) = W^T[active]^T x[active]; w: flat (D_in * d_out,) fp32 or uint16 (bf16 bits); returns n."""
-        n = _select(x, how, k, thr, idx)
+        n = select_active(x, how, k, thr, idx)
         part = np.empty((n_split, d_out), np.float32)
         for t in prange(n_col * n_split):
             _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part)
@@ -184,7 +185,7 @@ if HAVE_NUMBA:
     @njit(cache=True, boundscheck=False)
     def gemv_serial(w, d_out, x, how, k, thr, idx, y, n_col, n_split):
         """The same on the calling thread only: no thread pool to wake (see `threads` in SparseWeight)."""
-        n = _select(x, how, k, thr, idx)
+        n = select_active(x, how, k, thr, idx)
         part = np.empty((n_split, d_out), np.float32)
         for t in range(n_col * n_split):
             _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part)

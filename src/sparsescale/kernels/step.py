@@ -30,7 +30,8 @@ process (not cached: a cached function calling a parallel one crashes when loade
 
 from __future__ import annotations
 
-import types
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -45,7 +46,9 @@ _ACTS = {"relu2": 0, "silu": 1}
 GEMVS = ("sparse", "blas")
 
 if cpu.HAVE_NUMBA:
-    from numba import njit  # numba is present when HAVE_NUMBA (guarded import in kernels.cpu)
+    from numba import njit, types as nbt  # numba is present when HAVE_NUMBA (guarded import in kernels.cpu)
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
     @njit(cache=True, boundscheck=False)
     def _rmsnorm(h, g, eps, out):
@@ -66,16 +69,6 @@ if cpu.HAVE_NUMBA:
             return x.shape[0]
         return cpu.gemv_serial(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
 
-    # not cached: a cached function that calls a parallel one crashes when loaded from the cache (numba issue
-    # 8578), so the parallel layer below is compiled in each process that uses it (threads > 1, ~10 s)
-    @njit(boundscheck=False)
-    def _gemv_par(w, d_out, x, k, idx, y, n_col, n_split):
-        """`_gemv` on numba's thread pool."""
-        if k < 0:
-            y[:] = np.dot(x, w.reshape(x.shape[0], d_out))
-            return x.shape[0]
-        return cpu.gemv_parallel(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
-
     @njit(cache=True, boundscheck=False)
     def _rope(v, n, hd, cos, sin, tmp):
         """HF's rotary: v*cos + rotate_half(v)*sin for n heads of hd, in place."""
@@ -89,28 +82,13 @@ if cpu.HAVE_NUMBA:
             for j in range(half, hd):
                 v[b + j] = tmp[j] * cos[j] + tmp[j - half] * sin[j]
 
-    def _layer_py(h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
-               w_qkv, k_qkv, c_qkv, s_qkv, w_o, k_o, c_o, s_o, w_gu, k_gu, c_gu, s_gu, w_dn, k_dn, c_dn, s_dn):
-        """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
-        d = h.shape[0]
-        x = np.empty(d, np.float32)
-        _rmsnorm(h, g_in, eps, x)
-        dq, dk = n_heads * hd, n_kv * hd
-        qkv = np.empty(dq + 2 * dk, np.float32)
-        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
-        tmp = np.empty(hd, np.float32)
-        q = qkv[:dq]
-        kk = qkv[dq:dq + dk]
-        _rope(q, n_heads, hd, cos, sin, tmp)
-        _rope(kk, n_kv, hd, cos, sin, tmp)
-        for g in range(n_kv):
-            for j in range(hd):
-                kc[g, pos, j] = kk[g * hd + j]
-                vc[g, pos, j] = qkv[dq + dk + g * hd + j]
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _attend(q, kc, vc, pos, n_heads, n_kv, hd, o):
+        """o (n_heads * hd,) = softmax(q k^T / sqrt(hd)) v over positions 0..pos, per head (grouped k/v heads);
+        float64 sums, rounded once (see _rmsnorm)."""
         scale = 1.0 / np.sqrt(hd)
         per = n_heads // n_kv
-        o = np.empty(dq, np.float32)
-        p = np.empty(pos + 1, np.float64)  # attention in float64, rounded once: see _rmsnorm
+        p = np.empty(pos + 1, np.float64)
         acc = np.empty(hd, np.float64)
         for hq in range(n_heads):
             g = hq // per
@@ -133,6 +111,40 @@ if cpu.HAVE_NUMBA:
                     acc[j] += wt * np.float64(vc[g, t, j])
             for j in range(hd):
                 o[hq * hd + j] = np.float32(acc[j])
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _glu(gu, act, a):
+        """a = act(gate) * up for gu = [gate | up]; act 0: ReLU^2, 1: SiLU."""
+        f = a.shape[0]
+        for j in range(f):
+            g0 = gu[j]
+            if act == 0:
+                r = max(g0, np.float32(0.0))
+                a[j] = (r * r) * gu[f + j]
+            else:
+                a[j] = (g0 / (np.float32(1.0) + np.exp(-g0))) * gu[f + j]
+
+    @njit(cache=True, boundscheck=False)
+    def _layer(h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
+               w_qkv, k_qkv, c_qkv, s_qkv, w_o, k_o, c_o, s_o, w_gu, k_gu, c_gu, s_gu, w_dn, k_dn, c_dn, s_dn):
+        """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
+        d = h.shape[0]
+        x = np.empty(d, np.float32)
+        _rmsnorm(h, g_in, eps, x)
+        dq, dk = n_heads * hd, n_kv * hd
+        qkv = np.empty(dq + 2 * dk, np.float32)
+        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
+        tmp = np.empty(hd, np.float32)
+        q = qkv[:dq]
+        kk = qkv[dq:dq + dk]
+        _rope(q, n_heads, hd, cos, sin, tmp)
+        _rope(kk, n_kv, hd, cos, sin, tmp)
+        for g in range(n_kv):
+            for j in range(hd):
+                kc[g, pos, j] = kk[g * hd + j]
+                vc[g, pos, j] = qkv[dq + dk + g * hd + j]
+        o = np.empty(dq, np.float32)
+        _attend(q, kc, vc, pos, n_heads, n_kv, hd, o)
         y = np.empty(d, np.float32)
         _gemv(w_o, d, o, k_o, idx, y, c_o, s_o)
         for j in range(d):
@@ -143,21 +155,102 @@ if cpu.HAVE_NUMBA:
         gu = np.empty(d_gu, np.float32)
         _gemv(w_gu, d_gu, x, k_gu, idx, gu, c_gu, s_gu)
         a = np.empty(f, np.float32)
-        for j in range(f):
-            g0 = gu[j]
-            if act == 0:
-                r = max(g0, np.float32(0.0))
-                a[j] = (r * r) * gu[f + j]
-            else:
-                a[j] = (g0 / (np.float32(1.0) + np.exp(-g0))) * gu[f + j]
+        _glu(gu, act, a)
         _gemv(w_dn, d, a, k_dn, idx, y, c_dn, s_dn)
         for j in range(d):
             h[j] += y[j]
 
-    _layer = njit(cache=True, boundscheck=False)(_layer_py)
-    # the same code with the parallel GEMV (its own globals: `_gemv` is `_gemv_par` there), not cached (above)
-    _layer_par = njit(boundscheck=False)(types.FunctionType(_layer_py.__code__, {**globals(), "_gemv": _gemv_par},
-                                                            "_layer_par"))
+
+    @intrinsic
+    def _atomic_add(typingctx, arr, i, v):
+        """arr[i] += v atomically (int64 array), returning the old value."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            return builder.atomic_rmw("add", ptr, context.cast(builder, args[2], sig.args[2], nbt.int64), "seq_cst")
+        return nbt.int64(arr, i, v), codegen
+
+    @intrinsic
+    def _atomic_load(typingctx, arr, i):
+        """arr[i] read atomically (acquire): a spin loop cannot hoist it."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            return builder.load_atomic(ptr, "acquire", 8)
+        return nbt.int64(arr, i), codegen
+
+    _sched_yield = ctypes.CDLL(None).sched_yield
+    _sched_yield.restype, _sched_yield.argtypes = ctypes.c_int, []
+
+    @njit(nogil=True, boundscheck=False)
+    def _barrier(sync, n_threads, gen):
+        """Wait until every thread has arrived at barrier number `gen` (a counter that only grows): spin, then
+        yield the core after ~20k spins (a loaded machine)."""
+        _atomic_add(sync, 0, 1)
+        spins = 0
+        while _atomic_load(sync, 0) < n_threads * gen:
+            spins += 1
+            if spins > 20000:
+                _sched_yield()
+
+    @njit(nogil=True, boundscheck=False)
+    def _gemv_cols(w, d_out, x, k, idx, y, t, n_threads):
+        """This thread's block of output columns of y = W (top-K of x); the selection is repeated per thread."""
+        colw = ((d_out + n_threads - 1) // n_threads + 15) // 16 * 16  # 64-byte aligned blocks
+        c0 = min(d_out, t * colw)
+        c1 = min(d_out, c0 + colw)
+        n = cpu.select_active(x, 0, k, 0.0, idx)
+        acc = np.zeros(c1 - c0, np.float32)
+        cpu.accumulate_rows(w, d_out, x, idx, 0, n, c0, c1, acc)
+        y[c0:c1] = acc
+        return c0, c1
+
+    @njit(nogil=True, boundscheck=False)
+    def _layer_mt(t, n_threads, sync, gen, h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act,
+                  idx, qkv, y, gu, w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn):
+        """`_layer` run by thread t of n_threads at once: each GEMV split by output columns, a spin barrier
+        after each (5 a layer); the small parts (norms, rotary, attention, GLU) repeated by every thread on
+        private copies. Returns the barrier count so far."""
+        d = h.shape[0]
+        x = np.empty(d, np.float32)
+        _rmsnorm(h, g_in, eps, x)
+        dq, dk = n_heads * hd, n_kv * hd
+        _gemv_cols(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, t, n_threads)
+        gen += 1
+        _barrier(sync, n_threads, gen)
+        q = qkv[:dq].copy()
+        kk = qkv[dq:dq + dk].copy()
+        tmp = np.empty(hd, np.float32)
+        _rope(q, n_heads, hd, cos, sin, tmp)
+        _rope(kk, n_kv, hd, cos, sin, tmp)
+        if t == 0:
+            for g in range(n_kv):
+                for j in range(hd):
+                    kc[g, pos, j] = kk[g * hd + j]
+                    vc[g, pos, j] = qkv[dq + dk + g * hd + j]
+        gen += 1
+        _barrier(sync, n_threads, gen)
+        o = np.empty(dq, np.float32)
+        _attend(q, kc, vc, pos, n_heads, n_kv, hd, o)
+        c0, c1 = _gemv_cols(w_o, d, o, k_o, idx, y, t, n_threads)
+        for j in range(c0, c1):
+            h[j] += y[j]
+        gen += 1
+        _barrier(sync, n_threads, gen)
+        _rmsnorm(h, g_post, eps, x)
+        d_gu = w_gu.shape[0] // d
+        f = d_gu // 2
+        _gemv_cols(w_gu, d_gu, x, k_gu, idx, gu, t, n_threads)
+        gen += 1
+        _barrier(sync, n_threads, gen)
+        a = np.empty(f, np.float32)
+        _glu(gu, act, a)
+        c0, c1 = _gemv_cols(w_dn, d, a, k_dn, idx, y, t, n_threads)
+        for j in range(c0, c1):
+            h[j] += y[j]
+        gen += 1
+        _barrier(sync, n_threads, gen)
+        return gen
 
 
 def _group(mod, n_members: int, what: str):
@@ -196,7 +289,8 @@ class FusedStep:
             raise UserError("fused decoding supports models without biases")
         self.model, self.max_len, self.gemv = model, int(max_len), gemv
         self.threads = numba_threads(threads)
-        self.par = self.threads > 1
+        # threads > 1: every thread runs every layer on its columns (`_layer_mt`); BLAS threads itself
+        self.par = self.threads > 1 and gemv == "sparse"
         self.eps = float(cfg.rms_norm_eps)
         self.act = _ACTS[cfg.hidden_act]
         self.layers = []
@@ -204,11 +298,9 @@ class FusedStep:
             attn, mlp = layer.self_attn, layer.mlp
             groups = (_group(attn.q_proj, 3, "q/k/v"), _group(attn.o_proj, 1, "o"),
                       _group(mlp.gate_proj, 2, "gate/up"), _group(mlp.down_proj, 1, "down"))
-            args = []
+            args = []  # (W^T flat, K) per group; K = D_in reads every row, -1 means dense by BLAS
             for g in groups:
-                k = -1 if gemv == "blas" else g.k if g.settings.sparsity > 0 else g.sw.d_in
-                n_col, n_split = g.sw.tiles or cpu.column_tiles(g.sw.d_out, self.threads)
-                args += [g.sw._flat, k, n_col, n_split]
+                args += [g.sw._flat, -1 if gemv == "blas" else g.k if g.settings.sparsity > 0 else g.sw.d_in]
             norms = (layer.input_layernorm.weight.detach().float().numpy(),
                      layer.post_attention_layernorm.weight.detach().float().numpy())
             self.layers.append((groups, norms, args))
@@ -219,7 +311,13 @@ class FusedStep:
         n_layers = len(self.layers)
         self.kc = np.zeros((n_layers, self.n_kv, self.max_len, self.hd), np.float32)
         self.vc = np.zeros_like(self.kc)
-        self.idx = np.empty(max(g.sw.d_in for gs, _, _ in self.layers for g in gs), np.int64)
+        d_in_max = max(g.sw.d_in for gs, _, _ in self.layers for g in gs)
+        self.idx = [np.empty(d_in_max, np.int64) for _ in range(self.threads)]  # one selection per thread
+        self.qkv = np.empty(first.sw.d_out, np.float32)  # the GEMV outputs the threads share (column blocks)
+        self.y = np.empty(self.d, np.float32)
+        self.gu = np.empty(self.layers[0][0][2].sw.d_out, np.float32)
+        self.sync = np.zeros(1, np.int64)
+        self.pool = ThreadPoolExecutor(self.threads - 1) if self.par else None
         inner = model.model
         with torch.no_grad():
             pos_ids = torch.arange(self.max_len).unsqueeze(0)
@@ -241,11 +339,27 @@ class FusedStep:
             raise UserError(f"position {pos} is outside the KV cache of {self.max_len} positions: "
                             "build the FusedStep with a larger max_len")
         h = self.embed[token].float().numpy().copy()
-        layer = _layer_par if self.par else _layer
-        for i, (_, (g_in, g_post), args) in enumerate(self.layers):
-            layer(h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
-                   self.n_heads, self.n_kv, self.hd, self.act, self.idx, *args)
+        if self.par:
+            self.sync[0] = 0
+            others = [self.pool.submit(self._layers_mt, t, h, pos) for t in range(1, self.threads)]
+            self._layers_mt(0, h, pos)
+            for f in others:
+                f.result()
+        else:
+            for i, (_, (g_in, g_post), args) in enumerate(self.layers):
+                w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn = args
+                _layer(h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
+                       self.n_heads, self.n_kv, self.hd, self.act, self.idx[0],
+                       w_qkv, k_qkv, 1, 1, w_o, k_o, 1, 1, w_gu, k_gu, 1, 1, w_dn, k_dn, 1, 1)
         return self.head(self.norm(torch.from_numpy(h)))
+
+    def _layers_mt(self, t: int, h: np.ndarray, pos: int) -> None:
+        """Thread t's share of every layer (the GIL is released inside each call)."""
+        gen = 0
+        for i, (_, (g_in, g_post), args) in enumerate(self.layers):
+            gen = _layer_mt(t, self.threads, self.sync, gen, h, pos, self.eps, g_in, g_post, self.cos[pos],
+                            self.sin[pos], self.kc[i], self.vc[i], self.n_heads, self.n_kv, self.hd, self.act,
+                            self.idx[t], self.qkv, self.y, self.gu, *args)
 
 
 def fused_generate(model, input_ids: torch.Tensor, max_new_tokens: int, threads: int | None = None,
