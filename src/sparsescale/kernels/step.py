@@ -24,8 +24,13 @@ discontinuous, and with fp32 running sums (errors ~sqrt(d) ulp) a near-tie at th
 some layer of a random-init 300M model and its first decoded token differed (logits 0.34 apart); with float64
 accumulation all 16 tokens agree. Logits agree with the model to ~1e-6 relative (tests/test_fused_step.py);
 not bit for bit, unlike the HF path.
-Threads: threads = 1 runs the cached serial layer; threads > 1 the same code on numba's pool, compiled in each
-process (not cached: a cached function calling a parallel one crashes when loaded back, numba issue 8578).
+Threads: threads = 1 runs the cached serial layer. threads > 1 runs `_layer_mt` on that many Python threads
+(the GIL released): each runs every layer, computes its own block of output columns of each GEMV and waits at
+an atomic spin barrier after it (5 a layer); norms, rotary, attention and the GLU are repeated by each thread on
+private copies. numba's own pool cost 0.2-0.3 ms a launch, more than a 300M GEMV gains from a second thread,
+and a cached function that calls a parallel one crashes when loaded back from the cache (numba issue 8578).
+The threaded layer is compiled in each process that uses it (it calls sched_yield through ctypes).
+gemv="blas" runs the serial layer with BLAS on `threads` threads.
 """
 
 from __future__ import annotations
