@@ -253,6 +253,19 @@ def test_fused_groups_and_memory():
     assert dt.extra_bytes == 4 * sum(mod.weight.numel() for _, mod in Q.qsparse_linears(t))
 
 
+def test_small_groups_stay_on_the_calling_thread(monkeypatch):
+    from sparsescale.kernels import decode
+
+    m = _model(size="d4")
+    d = K.enable_sparse_decode(m)  # threads=None: every d4 group reads far below PARALLEL_MIN_BYTES a call
+    assert {g.sw.threads for g in d.groups} == {1}
+    assert {g.sw.threads for g in K.enable_sparse_decode(m, threads=2).groups} == {2}  # asked for: kept
+    # at the threshold: gate/up of d4 reads 128 x 704 x 4 bytes x (1 - 0.5) = 180,224 bytes a call
+    monkeypatch.setattr(decode, "PARALLEL_MIN_BYTES", 180_224)
+    by_width = {g.sw.d_out: g.sw.threads for g in K.enable_sparse_decode(m).groups}
+    assert by_width == {704: None, 384: 1, 128: 1}  # gate/up follows torch's threads; q/k/v, o, down stay
+
+
 def test_moved_weights_are_caught():
     m = _model()
     K.enable_sparse_decode(m)

@@ -34,6 +34,10 @@ from sparsescale.layout import PROJECTION_GROUPS
 from sparsescale.qsparse import QSparseLinear, effective_weight, qsparse_linears
 
 MODES = ("topk", "threshold")
+# below this many weight bytes read per call, threads=None runs the GEMV on the calling thread (measured at
+# 2 threads, fp32, S = 0.5: 1024x1024 0.37 ms on numba's pool vs 0.19 ms on one thread; 1024x3072 0.95 vs
+# 0.66 ms; 4096x11008 (90 MB read) 6.9 vs 8.4 ms)
+PARALLEL_MIN_BYTES = 32 << 20
 # attribute of a Parameter: (W^T buffer, first column, last column), the buffer its data is a transposed view of
 _OWNED = "_sparsescale_wt"
 
@@ -80,6 +84,8 @@ class _Group:
                     if self.shared:  # the parameter now lives in the kernel's layout: no second copy
                         m.weight.data = wt[:, sl].t()
                         setattr(m.weight, _OWNED, (wt, sl.start, sl.stop))
+        if threads is None and wt.numel() * wt.element_size() * (1.0 - s.sparsity) < PARALLEL_MIN_BYTES:
+            threads = 1  # numba's pool costs 0.2-0.3 ms a launch: more than a second thread saves on a small GEMV
         self.sw = SparseWeight.adopt(wt, backend, threads)
         self._ptr = w0.data_ptr() if self.shared else None
         biases = [m.bias for m in members]
@@ -237,7 +243,8 @@ def enable_sparse_decode(model: nn.Module, mode: str = "topk", backend: str = "a
     mode="threshold": |x| > calibrated threshold (`calibrate_thresholds`), an approximation.
     Memory: the fp/bf16 weights move into the kernel's W^T layout (no copy; `.extra_bytes` 0); ternary
     weights get a W^T snapshot of their ternary values (`.extra_bytes`): after changing those, call this again.
-    threads (numba): None follows torch.get_num_threads(); 1 keeps the GEMV on the calling thread.
+    threads (numba): None follows torch.get_num_threads() for groups reading >= PARALLEL_MIN_BYTES a call and
+    keeps smaller ones on the calling thread; 1 keeps every GEMV on the calling thread.
     """
 
     if mode not in MODES:
