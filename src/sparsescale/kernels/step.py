@@ -5,16 +5,17 @@ Why: at batch 1 on CPU, the sparse GEMV is only about half of a token's time thr
 rotary, KV-cache concatenation, attention and 168 projection calls. Here a layer is one call: RMSNorm, the
 fused q/k/v top-K + sparse GEMV, rotary, the KV cache (preallocated), attention, o, gate/up, the GLU
 (ReLU^2 or SiLU), down. It reads the weights where `enable_sparse_decode` put them (the groups' W^T, no
-copy), so a token costs its weight reads plus ~1 ms. This is the CPU counterpart of a graph-captured
-decode step (issue 17, item 5).
+copy), so a token costs its weight reads plus a few ms (the dense LM head, the top-K selections). This is the
+CPU counterpart of a graph-captured decode step (issue 17, item 5).
 
 Features
-- `FusedStep(model, max_len, threads=None)`: a model converted with plain top-K (any S; S = 0 reads every
-  row: the own-kernel baseline), fp32, with `enable_sparse_decode(model)` on the numba backend.
+- `FusedStep(model, max_len, threads=None, gemv="sparse")`: a model converted with plain top-K (any S; S = 0
+  reads every row: the own-kernel baseline), fp32, with `enable_sparse_decode(model)` on the numba backend.
   `step(token, pos)` returns the logits (vocab,) of one position; the KV cache holds `max_len` positions.
-- `fused_generate(model, input_ids, max_new_tokens, threads=None)`: greedy decoding of one sequence, the
-  prompt fed through the same step (so prefill and decode share one cache); returns the ids like HF
-  `generate` (prompt + new tokens).
+  gemv="blas": every projection dense by BLAS in the same step (the benchmark's dense baseline).
+- `fused_generate(model, input_ids, max_new_tokens, threads=None, gemv="sparse")`: greedy decoding of one
+  sequence, the prompt fed through the same step (so prefill and decode share one cache); returns the ids
+  like HF `generate` (prompt + new tokens).
 - Anything outside that scope (block N:M, 8-bit activations, rescale, threshold mode, bf16, biases,
   rotary scaling, CUDA) is refused with the fix: use HF `generate` on the model with `enable_sparse_decode`.
 
