@@ -68,12 +68,12 @@ if cpu.HAVE_NUMBA:
             out[j] = g[j] * (h[j] * r)
 
     @njit(cache=True, boundscheck=False)
-    def _gemv(w, d_out, x, k, idx, y, n_col, n_split):
+    def _gemv(w, d_out, x, k, idx, y):
         """y = W (top-K of x) for W^T flat (D_in * d_out,); k >= D_in reads every row; k < 0: dense, by BLAS."""
         if k < 0:
             y[:] = np.dot(x, w.reshape(x.shape[0], d_out))
             return x.shape[0]
-        return cpu.gemv_serial(w, d_out, x, 0, k, 0.0, idx, y, n_col, n_split)
+        return cpu.gemv_serial(w, d_out, x, 0, k, 0.0, idx, y, 1, 1)  # one column block: this thread
 
     @njit(cache=True, boundscheck=False)
     def _rope(v, n, hd, cos, sin, tmp):
@@ -132,14 +132,14 @@ if cpu.HAVE_NUMBA:
 
     @njit(cache=True, boundscheck=False)
     def _layer(h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
-               w_qkv, k_qkv, c_qkv, s_qkv, w_o, k_o, c_o, s_o, w_gu, k_gu, c_gu, s_gu, w_dn, k_dn, c_dn, s_dn):
+               w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn):
         """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
         d = h.shape[0]
         x = np.empty(d, np.float32)
         _rmsnorm(h, g_in, eps, x)
         dq, dk = n_heads * hd, n_kv * hd
         qkv = np.empty(dq + 2 * dk, np.float32)
-        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, c_qkv, s_qkv)
+        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv)
         tmp = np.empty(hd, np.float32)
         q = qkv[:dq]
         kk = qkv[dq:dq + dk]
@@ -152,20 +152,19 @@ if cpu.HAVE_NUMBA:
         o = np.empty(dq, np.float32)
         _attend(q, kc, vc, pos, n_heads, n_kv, hd, o)
         y = np.empty(d, np.float32)
-        _gemv(w_o, d, o, k_o, idx, y, c_o, s_o)
+        _gemv(w_o, d, o, k_o, idx, y)
         for j in range(d):
             h[j] += y[j]
         _rmsnorm(h, g_post, eps, x)
         d_gu = w_gu.shape[0] // d
         f = d_gu // 2
         gu = np.empty(d_gu, np.float32)
-        _gemv(w_gu, d_gu, x, k_gu, idx, gu, c_gu, s_gu)
+        _gemv(w_gu, d_gu, x, k_gu, idx, gu)
         a = np.empty(f, np.float32)
         _glu(gu, act, a)
-        _gemv(w_dn, d, a, k_dn, idx, y, c_dn, s_dn)
+        _gemv(w_dn, d, a, k_dn, idx, y)
         for j in range(d):
             h[j] += y[j]
-
 
     @intrinsic
     def _atomic_add(typingctx, arr, i, v):
@@ -353,10 +352,8 @@ class FusedStep:
                 f.result()
         else:
             for i, (_, (g_in, g_post), args) in enumerate(self.layers):
-                w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn = args
                 _layer(h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
-                       self.n_heads, self.n_kv, self.hd, self.act, self.idx[0],
-                       w_qkv, k_qkv, 1, 1, w_o, k_o, 1, 1, w_gu, k_gu, 1, 1, w_dn, k_dn, 1, 1)
+                       self.n_heads, self.n_kv, self.hd, self.act, self.idx[0], *args)
         return self.head(self.norm(torch.from_numpy(h)))
 
     def _layers_mt(self, t: int, h: np.ndarray, pos: int) -> None:
