@@ -57,6 +57,22 @@ def test_ternary_weights_and_two_threads():
     assert two is not one and two.threads == 2 and two.par
 
 
+def test_threads_change_no_bit():
+    # S = 0.6: an odd active count (K = 51 of 128 for down); column blocks of 16 leave thread 1 a short one
+    m = _model(GQA, s=0.6)
+    ids = _ids(4, 6)
+    K.enable_sparse_decode(m)
+    one = K.fused_generate(m, ids, 8)
+    step1 = m._sparse_decode.fused
+    two = K.fused_generate(m, ids, 8, threads=2)
+    step2 = m._sparse_decode.fused
+    assert step2.threads == 2 and step2.par and torch.equal(two, one)
+    assert step2.sync[0] == 2 * 4 * GQA.n_layers  # both threads passed the 4 barriers of every layer
+    a = torch.stack([step1.step(int(t), i) for i, t in enumerate(one[0])])
+    b = torch.stack([step2.step(int(t), i) for i, t in enumerate(one[0])])
+    assert torch.equal(a, b)
+
+
 def test_blas_gemv_is_the_dense_model():
     dense = _model(s=None)
     ids = _ids(4)

@@ -351,6 +351,18 @@ def test_gemv_row_fair_baseline_and_bug_flag():
     assert r["above_ideal"] is True and r["fraction_of_ideal"] != r["fraction_of_ideal"]  # NaN: not reported
 
 
+def test_interleaved_timing_order_and_rewarm():
+    from sparsescale.bench.timing import interleaved_median_ms
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    ms = interleaved_median_ms(fns, repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3 and set(ms) == {"a", "b"}
+    calls.clear()
+    interleaved_median_ms(fns, repeats=2, warmup=1, rewarm=True)  # an untimed call right before each timed one
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+
+
 def test_hugepage_linears_keeps_values_and_layout():
     m = M.build("d2", VOCAB, seed=0)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}

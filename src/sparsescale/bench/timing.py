@@ -15,8 +15,11 @@ def sync(device: str | torch.device) -> None:
 
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-                          device: str = "cpu") -> dict[str, float]:
-    """Median wall time (ms) of each function, measured round-robin so that machine noise hits all alike."""
+                          device: str = "cpu", rewarm: bool = False) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured round-robin so that machine noise hits all alike.
+    rewarm: each timed call follows an untimed call of the same function, so that no variant starts in the
+    state its predecessor left (BLAS or OpenMP workers still spinning on a core for up to ~0.1 s after their
+    last call; measured: a 300M decode step 14% slower right after another variant than after itself)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -24,6 +27,8 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int = 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, f in fns.items():
+            if rewarm:
+                f()
             sync(device)
             t0 = time.perf_counter()
             f()

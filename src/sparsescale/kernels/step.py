@@ -25,18 +25,19 @@ discontinuous, and with fp32 running sums (errors ~sqrt(d) ulp) a near-tie at th
 some layer of a random-init 300M model and its first decoded token differed (logits 0.34 apart); with float64
 accumulation all 16 tokens agree. Logits agree with the model to ~1e-6 relative (tests/test_fused_step.py);
 not bit for bit, unlike the HF path.
-Threads: threads = 1 runs the cached serial layer. threads > 1 runs `_layer_mt` on that many Python threads
-(the GIL released): each runs every layer, computes its own block of output columns of each GEMV and waits at
-an atomic spin barrier after it (5 a layer); norms, rotary, attention and the GLU are repeated by each thread on
-private copies. numba's own pool cost 0.2-0.3 ms a launch, more than a 300M GEMV gains from a second thread,
-and a cached function that calls a parallel one crashes when loaded back from the cache (numba issue 8578).
-The threaded layer is compiled in each process that uses it (it calls sched_yield through ctypes).
+Threads: threads = 1 runs the layer on the calling thread. threads > 1 run the same (cached) layer on that many
+Python threads at once (the GIL released): each computes its own block of output columns of every GEMV and of
+the hidden state and waits at an atomic spin barrier after it (4 a layer; the current position's key and value
+are read from the GEMV's output, so the cache write needs none); norms, rotary, attention and the GLU are
+repeated by each thread on private copies. A column's sum runs in the same order for any thread count, so
+threads change no bit of the result. numba's own pool cost 0.2-0.3 ms a launch, more than a 300M GEMV gains
+from a second thread, and a cached function that calls a parallel one crashes when loaded back from the cache
+(numba issue 8578); sched_yield is declared to LLVM, so the threaded layer is cached too.
 gemv="blas" runs the serial layer with BLAS on `threads` threads.
 """
 
 from __future__ import annotations
 
-import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,6 +54,7 @@ GEMVS = ("sparse", "blas")
 
 if cpu.HAVE_NUMBA:
     from numba import njit, types as nbt  # numba is present when HAVE_NUMBA (guarded import in kernels.cpu)
+    from llvmlite import ir
     from numba.core import cgutils
     from numba.extending import intrinsic
 
@@ -89,9 +91,10 @@ if cpu.HAVE_NUMBA:
                 v[b + j] = tmp[j] * cos[j] + tmp[j - half] * sin[j]
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def _attend(q, kc, vc, pos, n_heads, n_kv, hd, o):
-        """o (n_heads * hd,) = softmax(q k^T / sqrt(hd)) v over positions 0..pos, per head (grouped k/v heads);
-        float64 sums, rounded once (see _rmsnorm)."""
+    def _attend(q, kc, vc, k_pos, v_pos, pos, n_heads, n_kv, hd, o):
+        """o (n_heads * hd,) = softmax(q k^T / sqrt(hd)) v over positions 0..pos, per head (grouped k/v heads):
+        positions < pos from the cache kc/vc, position pos from k_pos/v_pos (n_kv * hd); float64 sums, rounded
+        once (see _rmsnorm)."""
         scale = 1.0 / np.sqrt(hd)
         per = n_heads // n_kv
         p = np.empty(pos + 1, np.float64)
@@ -101,8 +104,12 @@ if cpu.HAVE_NUMBA:
             m = -np.inf
             for t in range(pos + 1):
                 s = 0.0
-                for j in range(hd):
-                    s += np.float64(q[hq * hd + j]) * np.float64(kc[g, t, j])
+                if t < pos:
+                    for j in range(hd):
+                        s += np.float64(q[hq * hd + j]) * np.float64(kc[g, t, j])
+                else:
+                    for j in range(hd):
+                        s += np.float64(q[hq * hd + j]) * np.float64(k_pos[g * hd + j])
                 p[t] = s * scale
                 m = max(m, p[t])
             z = 0.0
@@ -113,8 +120,12 @@ if cpu.HAVE_NUMBA:
                 acc[j] = 0.0
             for t in range(pos + 1):
                 wt = p[t] / z
-                for j in range(hd):
-                    acc[j] += wt * np.float64(vc[g, t, j])
+                if t < pos:
+                    for j in range(hd):
+                        acc[j] += wt * np.float64(vc[g, t, j])
+                else:
+                    for j in range(hd):
+                        acc[j] += wt * np.float64(v_pos[g * hd + j])
             for j in range(hd):
                 o[hq * hd + j] = np.float32(acc[j])
 
@@ -129,42 +140,6 @@ if cpu.HAVE_NUMBA:
                 a[j] = (r * r) * gu[f + j]
             else:
                 a[j] = (g0 / (np.float32(1.0) + np.exp(-g0))) * gu[f + j]
-
-    @njit(cache=True, boundscheck=False)
-    def _layer(h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act, idx,
-               w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn):
-        """One decoder layer for the token at `pos`: h (d,) is updated in place; kc/vc (n_kv, max_len, hd)."""
-        d = h.shape[0]
-        x = np.empty(d, np.float32)
-        _rmsnorm(h, g_in, eps, x)
-        dq, dk = n_heads * hd, n_kv * hd
-        qkv = np.empty(dq + 2 * dk, np.float32)
-        _gemv(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv)
-        tmp = np.empty(hd, np.float32)
-        q = qkv[:dq]
-        kk = qkv[dq:dq + dk]
-        _rope(q, n_heads, hd, cos, sin, tmp)
-        _rope(kk, n_kv, hd, cos, sin, tmp)
-        for g in range(n_kv):
-            for j in range(hd):
-                kc[g, pos, j] = kk[g * hd + j]
-                vc[g, pos, j] = qkv[dq + dk + g * hd + j]
-        o = np.empty(dq, np.float32)
-        _attend(q, kc, vc, pos, n_heads, n_kv, hd, o)
-        y = np.empty(d, np.float32)
-        _gemv(w_o, d, o, k_o, idx, y)
-        for j in range(d):
-            h[j] += y[j]
-        _rmsnorm(h, g_post, eps, x)
-        d_gu = w_gu.shape[0] // d
-        f = d_gu // 2
-        gu = np.empty(d_gu, np.float32)
-        _gemv(w_gu, d_gu, x, k_gu, idx, gu)
-        a = np.empty(f, np.float32)
-        _glu(gu, act, a)
-        _gemv(w_dn, d, a, k_dn, idx, y)
-        for j in range(d):
-            h[j] += y[j]
 
     @intrinsic
     def _atomic_add(typingctx, arr, i, v):
@@ -184,10 +159,15 @@ if cpu.HAVE_NUMBA:
             return builder.load_atomic(ptr, "acquire", 8)
         return nbt.int64(arr, i), codegen
 
-    _sched_yield = ctypes.CDLL(None).sched_yield
-    _sched_yield.restype, _sched_yield.argtypes = ctypes.c_int, []
+    @intrinsic
+    def _sched_yield(typingctx):
+        """libc's sched_yield() (resolved from the process, so the caller stays cacheable)."""
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            return builder.call(fn, [])
+        return nbt.int32(), codegen
 
-    @njit(nogil=True, boundscheck=False)
+    @njit(cache=True, nogil=True, boundscheck=False)
     def _barrier(sync, n_threads, gen):
         """Wait until every thread has arrived at barrier number `gen` (a counter that only grows): spin, then
         yield the core after ~20k spins (a loaded machine)."""
@@ -198,64 +178,74 @@ if cpu.HAVE_NUMBA:
             if spins > 20000:
                 _sched_yield()
 
-    @njit(nogil=True, boundscheck=False)
-    def _gemv_cols(w, d_out, x, k, idx, y, t, n_threads):
-        """This thread's block of output columns of y = W (top-K of x); the selection is repeated per thread."""
-        colw = ((d_out + n_threads - 1) // n_threads + 15) // 16 * 16  # 64-byte aligned blocks
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _cols(d_out, t, n_threads):
+        """Thread t's block [c0, c1) of d_out output columns (64-byte aligned blocks)."""
+        colw = ((d_out + n_threads - 1) // n_threads + 15) // 16 * 16
         c0 = min(d_out, t * colw)
-        c1 = min(d_out, c0 + colw)
+        return c0, min(d_out, c0 + colw)
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _proj(w, d_out, x, k, idx, y, t, n_threads):
+        """This thread's block of output columns of y = W (top-K of x) (one thread: all of y; k < 0: BLAS).
+        Every thread selects the same rows; a column's sum runs in the same order for any thread count."""
+        if n_threads == 1:
+            _gemv(w, d_out, x, k, idx, y)
+            return
+        c0, c1 = _cols(d_out, t, n_threads)
         n = cpu.select_active(x, 0, k, 0.0, idx)
         acc = np.zeros(c1 - c0, np.float32)
         cpu.accumulate_rows(w, d_out, x, idx, 0, n, c0, c1, acc)
         y[c0:c1] = acc
-        return c0, c1
 
-    @njit(nogil=True, boundscheck=False)
-    def _layer_mt(t, n_threads, sync, gen, h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act,
-                  idx, qkv, y, gu, w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn):
-        """`_layer` run by thread t of n_threads at once: each GEMV split by output columns, a spin barrier
-        after each (5 a layer); the small parts (norms, rotary, attention, GLU) repeated by every thread on
-        private copies. Returns the barrier count so far."""
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _wait(sync, n_threads, gen):
+        """The barrier after a GEMV (nothing to wait for on one thread); returns the barrier count."""
+        if n_threads == 1:
+            return gen
+        _barrier(sync, n_threads, gen + 1)
+        return gen + 1
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _layer(t, n_threads, sync, gen, h, pos, eps, g_in, g_post, cos, sin, kc, vc, n_heads, n_kv, hd, act,
+               idx, qkv, y, gu, w_qkv, k_qkv, w_o, k_o, w_gu, k_gu, w_dn, k_dn):
+        """One decoder layer for the token at `pos`, run by thread t of n_threads at once: h (d,), qkv, y and gu
+        are shared, each thread writes its column block of every GEMV and of h and waits at a barrier after
+        it (4 a layer); kc/vc (n_kv, max_len, hd). Returns the barrier count so far."""
         d = h.shape[0]
         x = np.empty(d, np.float32)
         _rmsnorm(h, g_in, eps, x)
         dq, dk = n_heads * hd, n_kv * hd
-        _gemv_cols(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, t, n_threads)
-        gen += 1
-        _barrier(sync, n_threads, gen)
-        q = qkv[:dq].copy()
-        kk = qkv[dq:dq + dk].copy()
+        _proj(w_qkv, dq + 2 * dk, x, k_qkv, idx, qkv, t, n_threads)
+        gen = _wait(sync, n_threads, gen)
         tmp = np.empty(hd, np.float32)
+        q = qkv[:dq].copy()  # private: rotary in place
+        kk = qkv[dq:dq + dk].copy()
+        v = qkv[dq + dk:]
         _rope(q, n_heads, hd, cos, sin, tmp)
         _rope(kk, n_kv, hd, cos, sin, tmp)
-        if t == 0:
+        if t == 0:  # the others read only earlier positions of the cache: position pos comes from kk and v
             for g in range(n_kv):
                 for j in range(hd):
                     kc[g, pos, j] = kk[g * hd + j]
-                    vc[g, pos, j] = qkv[dq + dk + g * hd + j]
-        gen += 1
-        _barrier(sync, n_threads, gen)
+                    vc[g, pos, j] = v[g * hd + j]
         o = np.empty(dq, np.float32)
-        _attend(q, kc, vc, pos, n_heads, n_kv, hd, o)
-        c0, c1 = _gemv_cols(w_o, d, o, k_o, idx, y, t, n_threads)
+        _attend(q, kc, vc, kk, v, pos, n_heads, n_kv, hd, o)
+        _proj(w_o, d, o, k_o, idx, y, t, n_threads)
+        c0, c1 = _cols(d, t, n_threads) if n_threads > 1 else (0, d)
         for j in range(c0, c1):
             h[j] += y[j]
-        gen += 1
-        _barrier(sync, n_threads, gen)
+        gen = _wait(sync, n_threads, gen)
         _rmsnorm(h, g_post, eps, x)
         d_gu = w_gu.shape[0] // d
-        f = d_gu // 2
-        _gemv_cols(w_gu, d_gu, x, k_gu, idx, gu, t, n_threads)
-        gen += 1
-        _barrier(sync, n_threads, gen)
-        a = np.empty(f, np.float32)
+        _proj(w_gu, d_gu, x, k_gu, idx, gu, t, n_threads)
+        gen = _wait(sync, n_threads, gen)
+        a = np.empty(d_gu // 2, np.float32)
         _glu(gu, act, a)
-        c0, c1 = _gemv_cols(w_dn, d, a, k_dn, idx, y, t, n_threads)
+        _proj(w_dn, d, a, k_dn, idx, y, t, n_threads)
         for j in range(c0, c1):
             h[j] += y[j]
-        gen += 1
-        _barrier(sync, n_threads, gen)
-        return gen
+        return _wait(sync, n_threads, gen)
 
 
 def _group(mod, n_members: int, what: str):
@@ -294,7 +284,7 @@ class FusedStep:
             raise UserError("fused decoding supports models without biases")
         self.model, self.max_len, self.gemv = model, int(max_len), gemv
         self.threads = numba_threads(threads)
-        # threads > 1: every thread runs every layer on its columns (`_layer_mt`); BLAS threads itself
+        # threads > 1: every thread runs every layer on its column blocks; BLAS threads itself
         self.par = self.threads > 1 and gemv == "sparse"
         self.eps = float(cfg.rms_norm_eps)
         self.act = _ACTS[cfg.hidden_act]
@@ -318,7 +308,7 @@ class FusedStep:
         self.vc = np.zeros_like(self.kc)
         d_in_max = max(g.sw.d_in for gs, _, _ in self.layers for g in gs)
         self.idx = [np.empty(d_in_max, np.int64) for _ in range(self.threads)]  # one selection per thread
-        self.qkv = np.empty(first.sw.d_out, np.float32)  # the GEMV outputs the threads share (column blocks)
+        self.qkv = np.empty(first.sw.d_out, np.float32)  # the GEMV outputs (shared by the threads)
         self.y = np.empty(self.d, np.float32)
         self.gu = np.empty(self.layers[0][0][2].sw.d_out, np.float32)
         self.sync = np.zeros(1, np.int64)
@@ -346,23 +336,21 @@ class FusedStep:
         h = self.embed[token].float().numpy().copy()
         if self.par:
             self.sync[0] = 0
-            others = [self.pool.submit(self._layers_mt, t, h, pos) for t in range(1, self.threads)]
-            self._layers_mt(0, h, pos)
+            others = [self.pool.submit(self._layers, t, h, pos) for t in range(1, self.threads)]
+            self._layers(0, h, pos)
             for f in others:
                 f.result()
         else:
-            for i, (_, (g_in, g_post), args) in enumerate(self.layers):
-                _layer(h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos], self.kc[i], self.vc[i],
-                       self.n_heads, self.n_kv, self.hd, self.act, self.idx[0], *args)
+            self._layers(0, h, pos)
         return self.head(self.norm(torch.from_numpy(h)))
 
-    def _layers_mt(self, t: int, h: np.ndarray, pos: int) -> None:
+    def _layers(self, t: int, h: np.ndarray, pos: int) -> None:
         """Thread t's share of every layer (the GIL is released inside each call)."""
-        gen = 0
+        gen, n = 0, self.threads if self.par else 1
         for i, (_, (g_in, g_post), args) in enumerate(self.layers):
-            gen = _layer_mt(t, self.threads, self.sync, gen, h, pos, self.eps, g_in, g_post, self.cos[pos],
-                            self.sin[pos], self.kc[i], self.vc[i], self.n_heads, self.n_kv, self.hd, self.act,
-                            self.idx[t], self.qkv, self.y, self.gu, *args)
+            gen = _layer(t, n, self.sync, gen, h, pos, self.eps, g_in, g_post, self.cos[pos], self.sin[pos],
+                         self.kc[i], self.vc[i], self.n_heads, self.n_kv, self.hd, self.act, self.idx[t],
+                         self.qkv, self.y, self.gu, *args)
 
 
 def fused_generate(model, input_ids: torch.Tensor, max_new_tokens: int, threads: int | None = None,
