@@ -19,7 +19,7 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int = 1
     """Median wall time (ms) of each function, measured round-robin so that machine noise hits all alike.
     rewarm: each timed call follows an untimed call of the same function, so that no variant starts in the
     state its predecessor left (BLAS or OpenMP workers still spinning on a core for up to ~0.1 s after their
-    last call; measured: a 300M decode step 14% slower right after another variant than after itself)."""
+    last call; measured: a 300M decode step 30% slower right after the BLAS variant than after itself)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
