@@ -9,8 +9,9 @@ Features
   as uint16 and widened to fp32 in registers (`_to_f32`). threads=1 runs on the calling thread (no pool to
   wake); more use numba's workqueue layer (see `numba_threads.prefer_workqueue`).
 - `union_gemm_cpu`: batch > 1 over the union of the tokens' active inputs.
-- `select_active`, `accumulate_rows`, `gemv_serial`, `gemv_parallel`: the compiled pieces behind `sparse_gemv_cpu`
-  (selection; one column block of the GEMV; the whole call on one thread or numba's pool),
+- `select_active`, `col_block`, `accumulate_rows`, `gemv_serial`, `gemv_parallel`: the compiled pieces behind
+  `sparse_gemv_cpu` (selection; a thread's block of output columns; one column block of the GEMV; the whole call
+  on one thread or numba's pool),
   callable from other compiled code (`step`).
 - `hugepage_empty(shape, dtype)`: CPU memory advised for transparent huge pages; `hugepage_linears(model)`
   moves the decoder-layer linear weights there in their own layout (the dense baseline's equal treatment).
@@ -151,15 +152,18 @@ if HAVE_NUMBA:
                 acc[j] += x0 * _to_f32(w0[j])
             r += 1
 
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def col_block(d_out, cb, n_col):
+        """Block cb [c0, c1) of d_out output columns cut in n_col 64-byte aligned blocks (one block: all)."""
+        colw = ((d_out + n_col - 1) // n_col + 15) // 16 * 16
+        c0 = min(d_out, cb * colw)
+        return c0, min(d_out, c0 + colw)
+
     @njit(cache=True, boundscheck=False)
     def _gemv_task(w, d_out, x, idx, n, t, n_col, n_split, part):
         """Task t of n_col column blocks x n_split slices of the active list: its partial sums into part."""
-        colw = (d_out + n_col - 1) // n_col
-        colw = (colw + 15) // 16 * 16  # 64-byte aligned column blocks
-        cb = t % n_col
         kb = t // n_col
-        c0 = min(d_out, cb * colw)
-        c1 = min(d_out, c0 + colw)
+        c0, c1 = col_block(d_out, t % n_col, n_col)
         acc = np.zeros(c1 - c0, np.float32)  # this task's slice of y stays in L1/L2 while the rows stream
         accumulate_rows(w, d_out, x, idx, kb * n // n_split, (kb + 1) * n // n_split, c0, c1, acc)
         part[kb, c0:c1] = acc
@@ -203,11 +207,8 @@ if HAVE_NUMBA:
                     idx[n] = i
                     n += 1
                     break
-        colw = (d_out + n_col - 1) // n_col
-        colw = (colw + 15) // 16 * 16
         for cb in prange(n_col):
-            c0 = min(d_out, cb * colw)
-            c1 = min(d_out, c0 + colw)
+            c0, c1 = col_block(d_out, cb, n_col)
             acc = np.zeros((b_sz, c1 - c0), np.float32)
             wf = np.empty(c1 - c0, np.float32)
             for r in range(n):

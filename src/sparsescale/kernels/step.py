@@ -179,20 +179,13 @@ if cpu.HAVE_NUMBA:
                 _sched_yield()
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def _cols(d_out, t, n_threads):
-        """Thread t's block [c0, c1) of d_out output columns (64-byte aligned blocks)."""
-        colw = ((d_out + n_threads - 1) // n_threads + 15) // 16 * 16
-        c0 = min(d_out, t * colw)
-        return c0, min(d_out, c0 + colw)
-
-    @njit(cache=True, nogil=True, boundscheck=False)
     def _proj(w, d_out, x, k, idx, y, t, n_threads):
         """This thread's block of output columns of y = W (top-K of x) (one thread: all of y; k < 0: BLAS).
         Every thread selects the same rows; a column's sum runs in the same order for any thread count."""
         if n_threads == 1:
             _gemv(w, d_out, x, k, idx, y)
             return
-        c0, c1 = _cols(d_out, t, n_threads)
+        c0, c1 = cpu.col_block(d_out, t, n_threads)
         n = cpu.select_active(x, 0, k, 0.0, idx)
         acc = np.zeros(c1 - c0, np.float32)
         cpu.accumulate_rows(w, d_out, x, idx, 0, n, c0, c1, acc)
@@ -232,7 +225,7 @@ if cpu.HAVE_NUMBA:
         o = np.empty(dq, np.float32)
         _attend(q, kc, vc, kk, v, pos, n_heads, n_kv, hd, o)
         _proj(w_o, d, o, k_o, idx, y, t, n_threads)
-        c0, c1 = _cols(d, t, n_threads) if n_threads > 1 else (0, d)
+        c0, c1 = cpu.col_block(d, t, n_threads)  # this thread's part of h (one thread: all)
         for j in range(c0, c1):
             h[j] += y[j]
         gen = _wait(sync, n_threads, gen)
