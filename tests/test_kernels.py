@@ -363,6 +363,30 @@ def test_interleaved_timing_order_and_rewarm():
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
 
 
+def test_bench_train_step_rows_and_threads(tmp_path):
+    """`bench train-step` writes one row per sparse variant (each precision at S = 0 is the baseline of its
+    `ratio_vs_s0`) and runs at the thread count it is given; a bad count is one clear error."""
+    import json
+
+    from sparsescale.bench.train_step import bench_train_step
+
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "rows.json"
+        assert bench_train_step(["--shapes", "32x1x8x2", "--sparsity", "0.5", "--vocab-size", "17", "--repeats", "1",
+                                 "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp/S=0.5", "1.58/S=0.5"]
+    for r in rows:
+        assert r["ratio"] == r["qsparse_ms"] / r["dense_ms"] and r["ratio_vs_s0"] == r["qsparse_ms"] / r["s0_ms"]
+    assert rows[0]["s0_ms"] == rows[0]["dense_ms"] and rows[1]["s0_ms"] != rows[1]["dense_ms"]
+    with pytest.raises(UserError, match="--threads must be >= 1: got 0"):
+        bench_train_step(["--threads", "0"])
+
+
 def test_hugepage_linears_keeps_values_and_layout():
     m = M.build("d2", VOCAB, seed=0)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}

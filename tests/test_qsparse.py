@@ -59,10 +59,17 @@ def test_numba_and_torch_paths_agree_with_ties():
     assert torch.equal(Q.topk_sparsify(z, 37), Q._topk_torch(z, 37))
     w = torch.round(torch.randn(64, 100) * 2) / 2  # many ties at the threshold
     w[:8, :70] = 0.0  # rows where the threshold is 0
-    for kernel in (Q._get_numba_kernel(False), Q._get_numba_kernel(True)):
+    for parallel in (False, True):
+        keys_kernel, select_kernel = Q._get_numba_kernels(parallel)
+        keys, nnz = np.empty((64, 100), np.int32), np.empty(64, np.int64)
+        keys_kernel(w.numpy(), keys, nnz)
+        assert nnz.tolist() == (w != 0).sum(-1).tolist()
+        bits = w.abs().numpy().view(np.int32)
+        assert np.array_equal(keys[bits != 0], bits[bits != 0])  # real magnitudes keep their bits
+        assert np.array_equal(keys[:8, :70], np.tile(np.arange(1, 71, dtype=np.int32), (8, 1)))  # zeros: j + 1
         out = torch.empty_like(w)
         thr = torch.from_numpy(np.partition(np.abs(w.numpy()), 100 - 37, axis=1)[:, 100 - 37].copy())
-        kernel(w.numpy(), thr.numpy(), 37, out.numpy())
+        select_kernel(w.numpy(), thr.numpy().view(np.int32), nnz, 37, out.numpy())
         assert torch.all((out != 0).sum(-1) <= 37) and torch.all((out[8:] != 0).sum(-1) == 37)
         ref = w.clone()  # reference rule written out: keep |w| > t, then the first ties up to k
         for r in range(64):
@@ -73,27 +80,38 @@ def test_numba_and_torch_paths_agree_with_ties():
         assert torch.equal(out, ref)
 
 
-def test_zero_heavy_rows_select_among_the_non_zeros_by_the_same_rule():
-    """Inputs with >= ZERO_HEAVY exact zeros (ReLU^2's down projection) take the numba path that selects among
-    each row's non-zeros: the same kept set as the torch rule, ties and all-zero rows included, serial and
-    parallel builds."""
+def test_zero_heavy_rows_select_by_the_same_rule():
+    """ReLU^2's mostly-zero inputs (the down projection): zeros are keyed by position + 1, so the kept set is the
+    torch rule's, ties, all-zero rows and rows with fewer than k non-zeros included, serial and parallel builds;
+    a row whose k-th largest magnitude is a denormal as small as a stand-in takes the exact quickselect."""
     g = torch.Generator().manual_seed(0)
-    for zeros in (0.3, 0.75, 1.0):
+    for zeros in (0.0, 0.3, 0.75, 1.0):
         x = torch.round(torch.randn(96, 100, generator=g) * 2) / 2  # many ties at the threshold
         x[torch.rand(96, 100, generator=g) < zeros] = 0.0
         x[:4, 5:] = 0.0  # rows with fewer non-zeros than k
+        x[4:8] = torch.from_numpy(np.arange(1, 101, dtype=np.int32).view(np.float32))  # denormals: bits 1..100
+        x[5, 40:] = 0.0  # a denormal row with zeros: its k-th key is a stand-in or a real bit pattern <= D
+        x[6, ::3] *= -1
         for k in (3, 37, 50, 80):
             ref = Q._topk_torch(x, k)
             assert torch.all((ref != 0).sum(-1) <= k)
             assert torch.equal(Q.topk_sparsify(x, k), ref), (zeros, k)
-            for kernel in (Q._get_zeros_kernel(False), Q._get_zeros_kernel(True)):
+            for parallel in (False, True):
+                keys_kernel, select_kernel = Q._get_numba_kernels(parallel)
+                keys, nnz = np.empty((96, 100), np.int32), np.empty(96, np.int64)
+                keys_kernel(x.numpy(), keys, nnz)
+                thr = np.zeros(96, np.int32)
+                rows = np.flatnonzero(nnz > k)
+                thr[rows] = np.partition(keys[rows], 100 - k, axis=1)[:, 100 - k]
+                assert np.all(thr[4:8][nnz[4:8] > k] <= 100)  # the denormal rows take the fallback
                 out = torch.full_like(x, float("nan"))
-                kernel(x.numpy(), k, out.numpy())
-                assert torch.equal(out, ref), (zeros, k)
+                select_kernel(x.numpy(), thr, nnz, k, out.numpy())
+                assert torch.equal(out, ref), (zeros, k, parallel)
     big = torch.randn(64, 1000, generator=g)
     big[torch.rand(64, 1000, generator=g) < 0.5] = 0.0  # quickselect rounds beyond the insertion-sort tail
+    big[:8] = torch.from_numpy(np.random.default_rng(0).permutation(1000).astype(np.int32).view(np.float32))
     assert torch.equal(Q.topk_sparsify(big, 300), Q._topk_torch(big, 300))
-    assert (Q.topk_sparsify(big, 300) != 0).sum().item() == 64 * 300
+    assert (Q.topk_sparsify(big, 300) != 0).sum().item() == 64 * 300  # denormal rows too (999 non-zeros each)
 
 
 def test_block_nm_structure():

@@ -6,7 +6,7 @@ Features
   `QSparseLinear` in place; the model stays a plain HF model and the settings go to `config.qsparse`.
 - Top-K by magnitude per token along the input dimension, K = round((1 - S) D_in), straight-through
   gradient (dY/dX = dY/d(X*M)), exactly K kept per token; one tie rule on every path and dtype (`topk_mask`):
-  the first ties by position. CPU uses numpy's partition + a fused numba masking pass (bf16/fp16 on their
+  the first ties by position. CPU: numba keys (|x| as bits, zeros keyed by position), numpy's partition, a numba masking pass (bf16/fp16 on their
   exact fp32 values); elsewhere torch.topk for the K-th magnitude + a cumulative count of the ties.
 - Block Q-Sparse (N:M): top-K inside each block of `block` consecutive inputs.
 - BitNet b1.58: per-token absmax 8-bit activations (mask computed on the unquantized input), per-tensor
@@ -99,18 +99,6 @@ def _mask_row(x, t, k, out, r):  # row r of x, out: keep |x| >= t, then drop the
         j -= 1
 
 
-@numba.njit(parallel=True, cache=True)
-def _mask_rows_parallel(x, thr, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest |x|
-    for r in numba.prange(x.shape[0]):
-        _mask_row(x, thr[r], k, out, r)
-
-
-@numba.njit(cache=True)
-def _mask_rows_serial(x, thr, k, out):
-    for r in range(x.shape[0]):
-        _mask_row(x, thr[r], k, out, r)
-
-
 _ABS_BITS = np.int32(0x7FFFFFFF)  # |x| of an fp32 as its bit pattern: non-negative floats order like their bits
 
 
@@ -158,62 +146,87 @@ def _kth_smallest(a, b, n, kth):
         n = m
 
 
-@numba.njit(cache=True, inline="always")
-def _zeros_row(x, k, out, s, s2, r):  # row r: the top-k of its non-zeros (the zeros need no selection)
-    xr, br, orow = x[r], x[r].view(np.int32), out[r]
+@numba.njit(cache=True)
+def _small_row(x, nnz, k, out, r):
+    """Row r when its k-th largest key is <= D (not a normal magnitude): with at most k non-zeros the row is
+    kept whole (the zeros are zero either way); else its k-th largest magnitude is a denormal as small as the
+    zeros' stand-ins, so it is found exactly among the non-zeros' bits by a quickselect."""
+    xr, br = x[r], x[r].view(np.int32)
     D = xr.shape[0]
+    if nnz[r] <= k:
+        for j in range(D):
+            out[r, j] = xr[j]
+        return
+    s, s2 = np.empty(D, np.int32), np.empty(D, np.int32)
     m = 0
     for j in range(D):  # the non-zero magnitudes, compacted
         v = br[j] & _ABS_BITS
         s[m] = v
         m += v != 0
-    if m <= k:  # at most k non-zeros: all kept, and the zeros are zero either way
-        for j in range(D):
-            orow[j] = xr[j]
-        return
     s[0] = _kth_smallest(s, s2, m, m - k)  # the k-th largest magnitude, as bits
     _mask_row(x, s[:1].view(np.float32)[0], k, out, r)  # then the one masking pass (first ties kept)
 
 
+@numba.njit(cache=True, inline="always")
+def _key_row(x, keys, nnz, r):  # row r: |x| as bits, each exact zero replaced by its position + 1 (distinct)
+    br, kr = x[r].view(np.int32), keys[r]
+    c = 0
+    for j in range(br.shape[0]):  # branch-free (vectorises)
+        v = br[j] & _ABS_BITS
+        nz = v != 0
+        c += nz
+        kr[j] = v if nz else j + 1
+    nnz[r] = c
+
+
 @numba.njit(parallel=True, cache=True)
-def _zeros_rows_parallel(x, k, out):
+def _keys_rows_parallel(x, keys, nnz):
     for r in numba.prange(x.shape[0]):
-        _zeros_row(x, k, out, np.empty(x.shape[1], np.int32), np.empty(x.shape[1], np.int32), r)
+        _key_row(x, keys, nnz, r)
 
 
 @numba.njit(cache=True)
-def _zeros_rows_serial(x, k, out):
-    s, s2 = np.empty(x.shape[1], np.int32), np.empty(x.shape[1], np.int32)
+def _keys_rows_serial(x, keys, nnz):
     for r in range(x.shape[0]):
-        _zeros_row(x, k, out, s, s2, r)
+        _key_row(x, keys, nnz, r)
 
 
-ZERO_HEAVY = 0.25
-"""Share of exact zeros from which `topk_sparsify` selects among the non-zeros only (`_zeros_rows_*`). numpy's
-partition slows down ~5x on many equal values: the down projection's input (ReLU^2 GLU) is ~75% zeros in a
-trained d4 model, and its selection cost 11.6 ms per step-call against 1.4 ms for a dense input 2.7x narrower.
-Below this share numpy's partition is faster (~2x on dense rows)."""
+@numba.njit(parallel=True, cache=True)
+def _select_rows_parallel(x, thr, nnz, k, out):  # x, out: (R, D) float32; thr: (R,) k-th largest key (bits)
+    thr_f = thr.view(np.float32)  # the same bits as floats (a view: no per-row cast)
+    for r in numba.prange(x.shape[0]):
+        if thr[r] <= x.shape[1]:  # not a normal magnitude: <= k non-zeros (thr 0), or a denormal threshold
+            _small_row(x, nnz, k, out, r)
+        else:  # (_mask_row inlined here, not through a shared row function: two levels of inlining ran 2x slower)
+            _mask_row(x, thr_f[r], k, out, r)
 
 
-def _get_zeros_kernel(parallel: bool = False):
-    """The selection of zero-heavy rows: `_zeros_rows_parallel` or `_zeros_rows_serial` (why two builds: see
-    `_get_numba_kernel`)."""
-    return _zeros_rows_parallel if parallel else _zeros_rows_serial
+@numba.njit(cache=True)
+def _select_rows_serial(x, thr, nnz, k, out):
+    thr_f = thr.view(np.float32)
+    for r in range(x.shape[0]):
+        if thr[r] <= x.shape[1]:
+            _small_row(x, nnz, k, out, r)
+        else:
+            _mask_row(x, thr_f[r], k, out, r)
 
 
-def _get_numba_kernel(parallel: bool = False):
-    """The masking pass of the CPU path (compiled on first call, cached on disk): given the k-th largest
-    magnitude of every row, keep the entries at or above it and drop the last ties, so that exactly k entries
-    survive (the first ties by position are kept).
+def _get_numba_kernels(parallel: bool = False):
+    """The two numba passes of the CPU path (compiled on first call, cached on disk): `keys(x, keys, nnz)`
+    writes each row's sort keys and non-zero count; `select(x, thr, nnz, k, out)`, given the k-th largest key
+    of every row, keeps the entries at or above it and drops the last ties, so that exactly k entries survive
+    (the first ties by position are kept).
 
-    A serial and a parallel build: with one thread the serial one is used, because an OpenMP pool that was
-    started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep. The two are
+    A serial and a parallel build of each: with one thread the serial one is used, because an OpenMP pool that
+    was started once keeps spinning idle workers that steal the CPU of the other jobs of a sweep. The two are
     separate functions on purpose: numba's disk cache is keyed by the function's name, not by `parallel`, so
     one function compiled both ways would load the parallel machine code into a serial caller (and start the
     pool anyway, resetting torch's thread count). They live at module level: numba's cache cannot match a
     function defined inside another (a closure), so each new process compiled it again (~2 s) and appended
     one more entry to the cache."""
-    return _mask_rows_parallel if parallel else _mask_rows_serial
+    if parallel:
+        return _keys_rows_parallel, _select_rows_parallel
+    return _keys_rows_serial, _select_rows_serial
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
@@ -224,31 +237,41 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest-magnitude entries of the last dimension of x, per row (no gradient logic here).
 
     One tie rule on every path: all entries above the k-th largest magnitude, then the first ties by position.
-    CPU: numpy's partition (a vectorised introselect, several times faster than torch.topk on CPU) finds each
-    row's k-th largest magnitude, then one fused numba pass masks the row; inputs with >= ZERO_HEAVY exact zeros
-    (ReLU^2's down projection) select among each row's non-zeros in numba instead; bf16/fp16 run it on their exact
-    fp32 values (the same order and ties). Elsewhere (CUDA): `topk_mask` (torch.topk for the k-th magnitude,
-    a cumulative count for the ties).
+    CPU, three passes: numba writes each row's keys, |x| as int32 bits with every exact zero replaced by its
+    position + 1; numpy's partition (a vectorised introselect, several times faster than torch.topk or a numba
+    quickselect on CPU) finds each row's k-th largest key; numba masks each row at it. The stand-ins are
+    distinct and below every normal magnitude, so ReLU^2's mostly-zero inputs (the down projection) cost no
+    more than dense ones (numpy's partition slows ~5x on many equal values), and the k-th key is a real
+    magnitude whenever a row has more than k non-zeros; rows with at most k are copied, and a row whose k-th
+    key falls among the stand-ins (a denormal threshold) is selected exactly by a numba quickselect.
+    bf16/fp16 run on their exact fp32 values (the same order and ties). Elsewhere (CUDA): `topk_mask`
+    (torch.topk for the k-th magnitude, a cumulative count for the ties).
     """
     d = x.shape[-1]
     if k >= d:
         return x
     if _numba_ok(x):
         try:
-            kernel = _get_numba_kernel(parallel=numba_threads() > 1)
+            keys_kernel, select_kernel = _get_numba_kernels(parallel=numba_threads() > 1)
         except ImportError:  # numba missing: torch path
             return _topk_torch(x, k)
         if x.dtype != torch.float32:  # widening is exact: the fp32 values order and tie as the originals
             return topk_sparsify(x.float(), k).to(x.dtype)
         x2 = x.detach().reshape(-1, d).contiguous().numpy()  # (R, D), shares memory
+        keys = np.empty(x2.shape, np.int32)
+        nnz = np.empty(x2.shape[0], np.int64)
+        keys_kernel(x2, keys, nnz)
+        thr = np.zeros(x2.shape[0], np.int32)  # stays 0 for rows with <= k non-zeros: they are copied
+        rows = np.flatnonzero(nnz > k)
+        if len(rows) == len(nnz):
+            keys.partition(d - k, axis=1)  # in place: no second copy of the rows
+            thr[:] = keys[:, d - k]
+        elif len(rows):
+            sub = keys[rows]
+            sub.partition(d - k, axis=1)
+            thr[rows] = sub[:, d - k]
         out = torch.empty(x2.shape, dtype=x.dtype)
-        if np.count_nonzero(x2) <= (1.0 - ZERO_HEAVY) * x2.size:
-            _get_zeros_kernel(parallel=numba_threads() > 1)(x2, k, out.numpy())
-            return out.view(x.shape)
-        a = x2.view(np.int32) & _ABS_BITS  # |x| as bits: integers partition ~25% faster than floats (no NaN care)
-        a.partition(d - k, axis=1)  # in place: no second copy of the rows
-        thr = a[:, d - k].copy().view(np.float32)  # (R,) k-th largest magnitude
-        kernel(x2, thr, k, out.numpy())
+        select_kernel(x2, thr, nnz, k, out.numpy())
         return out.view(x.shape)
     return _topk_torch(x, k)
 

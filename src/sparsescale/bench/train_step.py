@@ -16,6 +16,7 @@ import torch
 
 from sparsescale.bench.timing import interleaved_median_ms
 from sparsescale.config import PRECISIONS, ModelArgs
+from sparsescale.errors import UserError
 from sparsescale.validation import autocast
 from sparsescale.io import write_json
 
@@ -40,6 +41,8 @@ def bench_train_step(argv: list[str]) -> int:
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own, all cores); the sweep trains "
+                   "on 1 (train.threads), so its goal is measured with --threads 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
@@ -55,6 +58,10 @@ def bench_train_step(argv: list[str]) -> int:
             d, nl, seq, bs = (int(v) for v in shape.lower().split("x"))
             shapes.append((ModelArgs(d_model=d, n_layers=nl, n_heads=max(1, d // 64),
                                      ffn_dim=int(32 * -(-8 * d // 3 // 32))), seq, bs))
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UserError(f"--threads must be >= 1: got {a.threads}")
+        torch.set_num_threads(a.threads)
     rows = []
     print(f"device={a.device} threads={torch.get_num_threads()}")
     print(f"{'d_model':>7} {'layers':>6} {'seq':>4} {'batch':>5} {'variant':>14} {'dense ms':>9} {'qsparse ms':>10} "
