@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def fake_run(root: Path, size, prec, s, lr, loss):
-    d = root / f"{size}-s{s:.2f}-b{prec}-seed0-lr{lr:.3g}"
+def fake_run(root: Path, size, prec, s, lr, loss, seed=0):
+    d = root / f"{size}-s{s:.2f}-b{prec}-seed{seed}-lr{lr:.3g}"
     if math.isfinite(loss):
         write_json(d / "final.json", {"size": size, "precision": prec, "sparsity": s, "lr": lr, "val_loss": loss})
     else:  # diverged: failed.json and the config written at the start of the run
@@ -72,6 +72,24 @@ def test_interpolate_rule_gives_each_sparsity_its_winner(tmp_path):
     assert [r["chosen"] for r in fp] == [True, True, False]
     with pytest.raises(UserError, match="tune rule must be one of"):
         select(read_tune_runs([str(d) for d in grid(tmp_path)]), "median")
+
+
+def test_select_averages_the_seeds_of_a_rate(tmp_path):
+    """tune.seed: [0, 1]: each rate's loss at a tuned S is the mean over its seeds, so one lucky seed does not
+    pick the rate (S = 0.9: seed 0 alone prefers 4e-3, the two seeds together 2e-3); a diverged seed makes the
+    rate diverged."""
+    losses = {2e-3: ((3.50, 3.50), (3.80, 3.78)), 4e-3: ((3.55, 3.56), (3.70, 4.00)), 8e-3: ((3.60, 3.62), (3.75, math.inf))}
+    dirs = [fake_run(tmp_path, "d1", "fp", s, lr, per_seed[i], seed=i)
+            for lr, by_s in losses.items() for s, per_seed in zip((0.0, 0.9), by_s) for i in (0, 1)]
+    runs = read_tune_runs([str(d) for d in dirs])
+    assert len(runs) == 12
+    only_seed0 = select(runs[runs["run"].str.contains("seed0")], "interpolate")
+    assert only_seed0["per_sparsity"]["d1"]["fp"] == {"0.00": 2e-3, "0.90": 4e-3}
+    both = select(runs, "interpolate")
+    assert both["per_sparsity"]["d1"]["fp"] == {"0.00": 2e-3, "0.90": 2e-3}
+    row = {r["lr"]: r for r in both["table"]}
+    assert row[4e-3]["loss_s0.90"] == pytest.approx(3.85) and row[2e-3]["loss_s0.90"] == pytest.approx(3.79)
+    assert row[8e-3]["loss_s0.90"] == math.inf
 
 
 def test_cli_interpolated_lr(tmp_path, capsys):
@@ -131,3 +149,13 @@ def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate
     assert all(f"--sparsity {shlex.split(c)[shlex.split(c).index('--sparsity') + 1]})" in c for c in scratch)
     assert "--rule mean" in p.stdout
     assert "sparsescale tune select" in p.stdout
+    # tune.seed as a list: every grid point once per seed
+    (tmp_path / "seeds.yaml").write_text(yaml.safe_dump({"tune": {"enabled": True, "factors": [1.0], "seed": [0, 3]}}))
+    p = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", "--configfile",
+                        "config/smoke.yaml", str(tmp_path / "seeds.yaml")], cwd=ROOT, capture_output=True, text=True,
+                       env={"PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tune_cmds = [line for line in p.stdout.splitlines() if line.startswith("Shell command: ( sparsescale train")]
+    assert len(tune_cmds) == 3 * 2 * 2 * 2
+    assert sorted({shlex.split(c)[shlex.split(c).index("--seed") + 1] for c in tune_cmds}) == ["0", "3"]
+    assert any("--out results/smoke/tune/runs/d1-s0.80-b1.58-seed3-lr0.003 " in c for c in tune_cmds)

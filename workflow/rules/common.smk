@@ -108,18 +108,21 @@ TUNE_LR = f"{R}/tune/lr.json"
 
 def tune_runs():
     """Run directories of the tune stage: every size x precision at factor x train.lr, at the tuned sparsities
-    (default: 0 and the largest S of the sweep), on the sweep's budget unless tune.tokens says otherwise.
+    (default: 0 and the largest S of the sweep) and tune seeds, on the sweep's budget unless tune.tokens says
+    otherwise.
     """
     if not tuned():
         return []
     t, sw = config["tune"], config["sweep"]
     sparsities = t.get("sparsity") or sorted({0.0, max(sw["sparsity"])})
+    seeds = t.get("seed", 0)
     return [
-        f"{R}/tune/runs/{run_id(n, s, p, t.get('seed', 0))}-lr{f * run_lr(n, p):.3g}"
+        f"{R}/tune/runs/{run_id(n, s, p, seed)}-lr{f * run_lr(n, p):.3g}"
         for n in sw["sizes"]
         for p in sw["precision"]
         for s in sparsities
         for f in t["factors"]
+        for seed in (seeds if isinstance(seeds, list) else [seeds])
     ]
 
 
