@@ -6,8 +6,9 @@ Features
   `QSparseLinear` in place; the model stays a plain HF model and the settings go to `config.qsparse`.
 - Top-K by magnitude per token along the input dimension, K = round((1 - S) D_in), straight-through
   gradient (dY/dX = dY/d(X*M)), exactly K kept per token; one tie rule on every path and dtype (`topk_mask`):
-  the first ties by position. CPU: numba keys (|x| as bits, zeros keyed by position), numpy's partition, a numba masking pass (bf16/fp16 on their
-  exact fp32 values); elsewhere torch.topk for the K-th magnitude + a cumulative count of the ties.
+  the first ties by position. CPU: numba keys (|x| as bits, zeros keyed by position), numpy's partition, a
+  numba masking pass (bf16/fp16 on their exact fp32 values); elsewhere torch.topk for the K-th magnitude + a
+  cumulative count of the ties.
 - Block Q-Sparse (N:M): top-K inside each block of `block` consecutive inputs.
 - BitNet b1.58: per-token absmax 8-bit activations (mask computed on the unquantized input), per-tensor
   absmean ternary weights with latent fp weights, both with the STE.
