@@ -62,11 +62,18 @@ def _foreign_conf() -> str | None:
     """A /etc/slurm/slurm.conf that is not a link into a live test cluster of ours is someone else's."""
     if not SYS_CONF.exists() and not SYS_CONF.is_symlink():
         return None
-    if SYS_CONF.is_symlink() and not SYS_CONF.exists():
-        return None  # dangling link left by a killed test run: safe to replace
+    if SYS_CONF.is_symlink() and (not SYS_CONF.exists() or _stale(SYS_CONF)):
+        return None  # left by a killed test run (dangling, or its cluster's daemons are gone): safe to replace
     if SYS_CONF.is_symlink():
         return f"{SYS_CONF} links to {os.readlink(SYS_CONF)}: another SLURM test cluster is running"
     return f"{SYS_CONF} exists and is not ours (a real SLURM installation?): not touching it"
+
+
+def _stale(link: Path) -> bool:
+    """A link into a test cluster of ours (/tmp/sparsescale-slurm-*) whose daemons are gone (both ports free):
+    left by a test run that was killed before its teardown, with the directory still there."""
+    return (link.is_symlink() and Path(os.readlink(link)).parent.name.startswith("sparsescale-slurm-")
+            and not any(_port_busy(p) for p in PORTS))
 
 
 def _port_busy(port: int) -> bool:
@@ -184,8 +191,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         """Pitfall 2: the job step's srun reads the compiled-in default path."""
         SYS_CONF.parent.mkdir(parents=True, exist_ok=True)
         for link, target in ((SYS_CONF, self.conf), (SYS_GRES, self.gres)):
-            if link.is_symlink() and not link.exists():
-                link.unlink()  # dangling: left by a killed run
+            if link.is_symlink() and (not link.exists() or _stale(link)):
+                link.unlink()  # dangling, or its cluster is gone: left by a killed run
             if link.exists() or link.is_symlink():
                 if Path(os.path.realpath(link)) != target:
                     raise RuntimeError(f"refusing to replace {link} (-> {os.path.realpath(link)}): not ours")
