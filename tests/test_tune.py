@@ -130,32 +130,32 @@ def test_bad_tune_input(tmp_path):
         select(read_tune_runs([str(x) for x in d]))
 
 
-def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate(tmp_path):
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({"tune": {"enabled": True, "factors": [0.5, 1.0, 2.0]}}))
+def _dry_run(tmp_path, tune: dict) -> tuple[str, list[str]]:
+    """`snakemake -n -p` of the smoke config with this `tune` section: its stdout and the tune runs' commands."""
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({"tune": tune}))
     p = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", "--configfile",
                         "config/smoke.yaml", str(tmp_path / "tune.yaml")], cwd=ROOT, capture_output=True, text=True,
                        env={"PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    tune_cmds = [line for line in p.stdout.splitlines() if line.startswith("Shell command: ( sparsescale train")]
+    return p.stdout, [line for line in p.stdout.splitlines() if line.startswith("Shell command: ( sparsescale train")]
+
+
+def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate(tmp_path):
+    out, tune_cmds = _dry_run(tmp_path, {"enabled": True, "factors": [0.5, 1.0, 2.0]})
     # smoke: 3 sizes x 2 precisions x (S = 0, 0.8) x 3 rates, at factor x the smoke's lr 3e-3
     assert len(tune_cmds) == 3 * 2 * 2 * 3
     lrs = sorted({shlex.split(c)[shlex.split(c).index("--lr") + 1] for c in tune_cmds})
     assert lrs == ["0.0015", "0.003", "0.006"]
     assert any("--out results/smoke/tune/runs/d1-s0.80-b1.58-seed0-lr0.006 " in c for c in tune_cmds)
-    train = [line for line in p.stdout.splitlines() if line.startswith("Shell command: sparsescale train")]
+    train = [line for line in out.splitlines() if line.startswith("Shell command: sparsescale train")]
     scratch = [c for c in train if "--mode" not in c]
     assert len(scratch) == 3 * 3 * 2
     assert all("--lr $(sparsescale tune lr results/smoke/tune/lr.json --size " in c for c in scratch)
     assert all(f"--sparsity {shlex.split(c)[shlex.split(c).index('--sparsity') + 1]})" in c for c in scratch)
-    assert "--rule mean" in p.stdout
-    assert "sparsescale tune select" in p.stdout
+    assert "--rule mean" in out
+    assert "sparsescale tune select" in out
     # tune.seed as a list: every grid point once per seed
-    (tmp_path / "seeds.yaml").write_text(yaml.safe_dump({"tune": {"enabled": True, "factors": [1.0], "seed": [0, 3]}}))
-    p = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", "--configfile",
-                        "config/smoke.yaml", str(tmp_path / "seeds.yaml")], cwd=ROOT, capture_output=True, text=True,
-                       env={"PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    tune_cmds = [line for line in p.stdout.splitlines() if line.startswith("Shell command: ( sparsescale train")]
+    _, tune_cmds = _dry_run(tmp_path, {"enabled": True, "factors": [1.0], "seed": [0, 3]})
     assert len(tune_cmds) == 3 * 2 * 2 * 2
     assert sorted({shlex.split(c)[shlex.split(c).index("--seed") + 1] for c in tune_cmds}) == ["0", "3"]
     assert any("--out results/smoke/tune/runs/d1-s0.80-b1.58-seed3-lr0.003 " in c for c in tune_cmds)
