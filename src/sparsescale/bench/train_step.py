@@ -46,6 +46,8 @@ def bench_train_step(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads must be >= 1: got {a.threads}")
 
     from sparsescale import model as M, qsparse as Q  # deferred: transformers costs seconds; --help stays fast
     from sparsescale.config import get_size
@@ -59,8 +61,6 @@ def bench_train_step(argv: list[str]) -> int:
             shapes.append((ModelArgs(d_model=d, n_layers=nl, n_heads=max(1, d // 64),
                                      ffn_dim=int(32 * -(-8 * d // 3 // 32))), seq, bs))
     if a.threads is not None:
-        if a.threads < 1:
-            raise UserError(f"--threads must be >= 1: got {a.threads}")
         torch.set_num_threads(a.threads)
     rows = []
     print(f"device={a.device} threads={torch.get_num_threads()}")
