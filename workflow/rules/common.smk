@@ -116,13 +116,14 @@ def tune_runs():
     t, sw = config["tune"], config["sweep"]
     sparsities = t.get("sparsity") or sorted({0.0, max(sw["sparsity"])})
     seeds = t.get("seed", 0)
+    seeds = seeds if isinstance(seeds, list) else [seeds]
     return [
         f"{R}/tune/runs/{run_id(n, s, p, seed)}-lr{f * run_lr(n, p):.3g}"
         for n in sw["sizes"]
         for p in sw["precision"]
         for s in sparsities
         for f in t["factors"]
-        for seed in (seeds if isinstance(seeds, list) else [seeds])
+        for seed in seeds
     ]
 
 
