@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sparsescale.errors import UserError
-from sparsescale.reference import export
+from sparsescale.reference import bank, export
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "results" / "reference"
@@ -50,6 +50,35 @@ def test_export_keeps_result_files_only(tmp_path):
     (root / "tables/losses.md").unlink()
     export(root, root / "cfg.yaml", out)
     assert not (out / "tables/losses.md").exists() and json.loads((out / "sweep.json").read_text())["wall_s"] is None
+    # folders an export does not write (pilots, a bank) are carried over, not deleted
+    (out / "pilots/d5/r").mkdir(parents=True)
+    (out / "pilots/d5/r/final.json").write_text('{"val_loss": 3.1}')
+    export(root, root / "cfg.yaml", out)
+    assert (out / "pilots/d5/r/final.json").read_text() == '{"val_loss": 3.1}' and (out / "runs/a/final.json").is_file()
+
+
+def test_bank_copies_finished_runs_result_files_only(tmp_path):
+    runs = tmp_path / "runs"
+    files = {"done/final.json": '{"val_loss": 2.5}', "done/config.json": "{}", "done/eval.json": "{}",
+             "done/metrics.jsonl": "{}\n", "done/model/model.safetensors": "w", "done/checkpoints/s1/optim.pt": "o",
+             "diverged/failed.json": '{"reason": "nan"}', "diverged/config.json": "{}",
+             "running/config.json": "{}", "running/checkpoints/s1/optim.pt": "o"}
+    for rel, text in files.items():
+        (runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (runs / rel).write_text(text)
+    out = tmp_path / "bank/runs"
+    banked, skipped = bank([runs / "done", runs / "diverged", runs / "running"], out)
+    assert [p.name for p in banked] == ["done", "diverged"] and [p.name for p in skipped] == ["running"]
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == ["diverged/config.json", "diverged/failed.json", "done/config.json", "done/eval.json",
+                   "done/final.json", "done/metrics.jsonl"]
+    # banking again replaces the run whole (a rerun's files, not a mix of both)
+    (runs / "done/eval.json").unlink()
+    (runs / "done/final.json").write_text('{"val_loss": 2.4}')
+    bank([runs / "done"], out)
+    assert not (out / "done/eval.json").exists() and (out / "done/final.json").read_text() == '{"val_loss": 2.4}'
+    with pytest.raises(UserError, match=r"run directory .*nowhere not found"):
+        bank([runs / "nowhere"], out)
 
 
 @pytest.mark.parametrize("case,match", [

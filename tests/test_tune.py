@@ -130,9 +130,10 @@ def test_bad_tune_input(tmp_path):
         select(read_tune_runs([str(x) for x in d]))
 
 
-def _dry_run(tmp_path, tune: dict) -> tuple[str, list[str]]:
-    """`snakemake -n -p` of the smoke config with this `tune` section: its stdout and the tune runs' commands."""
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({"tune": tune}))
+def _dry_run(tmp_path, tune: dict, **extra) -> tuple[str, list[str]]:
+    """`snakemake -n -p` of the smoke config with this `tune` section (and `extra` top-level keys): its stdout and
+    the tune runs' commands."""
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump({"tune": tune, **extra}))
     p = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", "--configfile",
                         "config/smoke.yaml", str(tmp_path / "tune.yaml")], cwd=ROOT, capture_output=True, text=True,
                        env={"PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
@@ -159,3 +160,36 @@ def test_tune_enabled_dry_run_schedules_the_grid_and_train_reads_the_chosen_rate
     assert len(tune_cmds) == 3 * 2 * 2 * 2
     assert sorted({shlex.split(c)[shlex.split(c).index("--seed") + 1] for c in tune_cmds}) == ["0", "3"]
     assert any("--out results/smoke/tune/runs/d1-s0.80-b1.58-seed3-lr0.003 " in c for c in tune_cmds)
+
+
+def test_banked_runs_are_not_trained_again_and_are_read_from_the_bank(tmp_path):
+    """config `bank`: a banked run (final.json or failed.json) leaves the DAG; aggregate and tune select read
+    its banked copy; every other scratch and tune run banks itself when it finishes."""
+    bank = tmp_path / "bank"
+    for rel, name in [("runs/d2-s0.50-bfp-seed0", "final.json"), ("runs/d3-s0.80-b1.58-seed0", "failed.json"),
+                      ("tune/runs/d1-s0.00-bfp-seed0-lr0.003", "final.json"),
+                      ("tune/runs/d3-s0.80-b1.58-seed0-lr0.003", "failed.json")]:
+        (bank / rel).mkdir(parents=True)
+        (bank / rel / name).write_text("{}")
+    out, tune_cmds = _dry_run(tmp_path, {"enabled": True, "factors": [1.0]}, bank=str(bank))
+    assert len(tune_cmds) == 3 * 2 * 2 - 2
+    assert not any("d1-s0.00-bfp-seed0-lr0.003 " in c or "d3-s0.80-b1.58-seed0-lr0.003 " in c for c in tune_cmds)
+    assert all(c.endswith(f"--out {bank}/tune/runs >> results/smoke/logs/tune/"
+                          f"{shlex.split(c)[shlex.split(c).index('--out') + 1].split('/')[-1]}.log 2>&1")
+               for c in tune_cmds)
+    select_cmd = next(line for line in out.splitlines() if "sparsescale tune select" in line)
+    assert f"{bank}/tune/runs/d1-s0.00-bfp-seed0-lr0.003 " in select_cmd
+    assert f"{bank}/tune/runs/d3-s0.80-b1.58-seed0-lr0.003 " in select_cmd
+    assert "results/smoke/tune/runs/d1-s0.00-bfp-seed0-lr0.003 " not in select_cmd
+    train = [line for line in out.splitlines() if line.startswith("Shell command: sparsescale train")]
+    scratch = [c for c in train if "--mode" not in c]
+    assert len(scratch) == 3 * 3 * 2 - 2
+    assert not any("/d2-s0.50-bfp-seed0 " in c or "/d3-s0.80-b1.58-seed0 " in c for c in scratch)
+    assert all(f"--out {bank}/runs >> results/smoke/logs/train/" in c for c in scratch)
+    assert not any("reference bank" in c for c in train if "--mode" in c)  # continue/finetune runs stay here
+    agg = next(line for line in out.splitlines() if line.startswith("Shell command: sparsescale aggregate"))
+    assert f"{bank}/runs/d2-s0.50-bfp-seed0 " in agg and f"{bank}/runs/d3-s0.80-b1.58-seed0 " in agg
+    assert "results/smoke/runs/d2-s0.50-bfp-seed0 " not in agg
+    # without a bank, nothing is banked
+    out, tune_cmds = _dry_run(tmp_path, {"enabled": True, "factors": [1.0]})
+    assert len(tune_cmds) == 3 * 2 * 2 and "reference bank" not in out

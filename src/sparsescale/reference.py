@@ -24,7 +24,17 @@ Regenerate from the reference alone (what `make reference-figures` runs):
   sparsescale tables --runs R/tables/runs.csv --fit-dir R/fit --out R/tables
 
 CLI: `sparsescale reference export --results results/cpu --config config/cpu.yaml --out results/reference
-[--wall-s SECONDS]`.
+[--wall-s SECONDS]`. Folders of the old reference that an export does not write (`pilots/`, banks) are carried
+over, never deleted.
+
+**A bank** keeps a sweep that runs across sessions: checkpoints and ignored results do not survive a fresh
+checkout, committed files do. `bank` copies each finished run's result files (final.json or failed.json, with
+config.json, eval.json and metrics.jsonl) into `{bank}/{run_id}/`, one run at a time, atomically; unfinished
+runs are skipped. With the config key `bank: results/reference/cpu4m` the workflow banks every scratch and tune
+run as it finishes (`{bank}/runs/`, `{bank}/tune/runs/`) and counts a banked run as done: it is not trained
+again, and aggregate and tune select read it from the bank (workflow/rules/common.smk).
+
+CLI: `sparsescale reference bank RUN_DIR ... --out results/reference/cpu4m/runs`.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ KEEP = [
     ("superweight", "summary.csv"), ("superweight", "*/*.json"),
     ("superweight/figures", "*.png"), ("superweight/tables", "*.*"),
 ]
+# what a bank keeps of a finished run (final.json or failed.json marks it finished)
+BANK_FILES = ("final.json", "failed.json", "config.json", "eval.json", "metrics.jsonl")
 REQUIRED = ["tables/runs.csv", "tables/curves.csv", "fit/optimal_sparsity.json"]
 # file names that must never reach git (weights, optimizer state)
 FORBIDDEN_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -117,7 +129,14 @@ def export(results: str | Path, config: str | Path, out: str | Path, wall_s: flo
     if bad:
         raise UserError(f"{bad[0]} looks like model weights: the reference keeps result files only")
     rows = benchmark_rows(results)
+    written = {folder.split("/")[0] for folder, _ in KEEP} | {"config.yaml", "versions.json", "sweep.json", "jobs.csv"}
+    carried = sorted(p for p in out.iterdir() if p.name not in written) if out.is_dir() else []
     with atomic_dir(out) as tmp:
+        for p in carried:  # pilots/, banks: not the sweep's, so not replaced by it
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name)
+            else:
+                shutil.copyfile(p, tmp / p.name)
         for p in files:
             dst = tmp / p.relative_to(results)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +149,26 @@ def export(results: str | Path, config: str | Path, out: str | Path, wall_s: flo
                                                             ("config.yaml", "versions.json", "sweep.json", "jobs.csv")]
 
 
+def bank(run_dirs: list[str | Path], out: str | Path) -> tuple[list[Path], list[Path]]:
+    """Copy the result files of every finished run in `run_dirs` into `out/{run_id}/` (each replaced whole,
+    atomically); return (banked, skipped) where skipped are the unfinished runs (neither final.json nor
+    failed.json)."""
+    out = Path(out)
+    banked, skipped = [], []
+    for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise UserError(f"run directory {d} not found: pass run directories (results/cpu4m/runs/{{run_id}})")
+        if not ((d / "final.json").is_file() or (d / "failed.json").is_file()):
+            skipped.append(d)
+            continue
+        with atomic_dir(out / d.name) as tmp:
+            for name in BANK_FILES:
+                if (d / name).is_file():
+                    shutil.copyfile(d / name, tmp / name)
+        banked.append(out / d.name)
+    return banked, skipped
+
+
 def summary_line(out: Path) -> str:
     s = read_json(out / "sweep.json")
     wall = "not given" if s["wall_s"] is None else f"{s['wall_s'] / 60:.1f} min"
@@ -139,14 +178,23 @@ def summary_line(out: Path) -> str:
 
 def cli_reference(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="sparsescale reference",
-                                 description="Export a sweep's result files (no checkpoints) as the committed reference.")
+                                 description="Export a sweep's result files (no checkpoints) as the committed reference, "
+                                             "or bank finished runs of a sweep that runs across sessions.")
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="copy the result files of a sweep into the reference folder")
     ex.add_argument("--results", default="results/cpu", help="results root of the sweep (its config's `results:`)")
     ex.add_argument("--config", default="config/cpu.yaml", help="the config file the sweep ran with")
     ex.add_argument("--out", default="results/reference", help="reference folder (replaced whole)")
     ex.add_argument("--wall-s", type=float, default=None, help="measured wall time of the sweep in seconds")
+    bk = sub.add_parser("bank", help="copy finished runs' result files (no weights) into a committed bank")
+    bk.add_argument("runs", nargs="+", help="run directories (results/cpu4m/runs/{run_id}); unfinished ones are skipped")
+    bk.add_argument("--out", required=True, help="bank folder: each run goes to OUT/{run_id}/")
     a = ap.parse_args(argv)
+    if a.command == "bank":
+        banked, skipped = bank(a.runs, a.out)
+        print(f"banked {len(banked)} run(s) in {a.out}" + (f"; skipped {len(skipped)} unfinished: "
+                                                          + ", ".join(p.name for p in skipped) if skipped else ""))
+        return 0
     paths = export(a.results, a.config, a.out, a.wall_s)
     print(f"wrote {len(paths)} files to {a.out}")
     print(summary_line(Path(a.out)))

@@ -49,12 +49,47 @@ def stage_runs(mode):
     ]
 
 
+BANK = config.get("bank")
+
+
+def banked(rel, name=None):
+    """The committed copy of a finished run (rel: "runs/{id}" or "tune/runs/{id}") under config `bank`, or None;
+    finished means it holds `name`, or by default final.json or failed.json. A banked run is done: it is not
+    trained again, and aggregate / tune select read it from the bank."""
+    if not BANK:
+        return None
+    d = f"{BANK}/{rel}"
+    names = [name] if name else ["final.json", "failed.json"]
+    return d if any(os.path.exists(f"{d}/{n}") for n in names) else None
+
+
+def bank_cmd(stage, mode="scratch"):
+    """The shell tail of a train (stage "train") or tune run ("tune") that banks it once finished
+    (`sparsescale reference bank`, output appended to the job's log); empty without config `bank`.
+    """
+    parent = {"train": "runs", "tune": "tune/runs"}[stage]
+
+    def cmd(wildcards, output):
+        if not BANK or mode != "scratch":
+            return ""
+        run = os.path.dirname(output[0])
+        log = f"{R}/logs/{stage}/{os.path.basename(run)}.log"
+        return (
+            f"&& sparsescale reference bank {run} --out {BANK}/{parent} >> {log} 2>&1"
+        )
+
+    return cmd
+
+
 def failed(rid):
-    """A run that diverged before (results/runs/{id}/failed.json) is left out of the tables, not retried;
-    delete that file to try it again."""
-    return config.get("skip_failed", True) and os.path.exists(
-        f"{R}/runs/{rid}/failed.json"
-    )
+    """A run that diverged before (results/runs/{id}/failed.json, or a banked failed.json) is left out of the
+    tables, not retried; delete that file to try it again."""
+    if not config.get("skip_failed", True):
+        return False
+    if os.path.exists(f"{R}/runs/{rid}/failed.json"):
+        return True
+    rel = f"runs/{rid}"
+    return bool(banked(rel, "failed.json")) and not banked(rel, "final.json")
 
 
 def all_runs():
@@ -62,11 +97,28 @@ def all_runs():
 
 
 def finished_or_pending(wildcards=None):
-    return [f"{R}/runs/{rid}/eval.json" for rid in all_runs() if not failed(rid)]
+    """What aggregate reads of every run: its eval.json (trained here) or the banked final.json."""
+    return [
+        (
+            f"{banked(f'runs/{rid}', 'final.json')}/final.json"
+            if banked(f"runs/{rid}", "final.json")
+            else f"{R}/runs/{rid}/eval.json"
+        )
+        for rid in all_runs()
+        if not failed(rid)
+    ]
 
 
 def skipped_runs():
-    return [f"{R}/runs/{rid}" for rid in all_runs() if failed(rid)]
+    return [
+        (
+            f"{R}/runs/{rid}"
+            if os.path.exists(f"{R}/runs/{rid}/failed.json")
+            else banked(f"runs/{rid}", "failed.json")
+        )
+        for rid in all_runs()
+        if failed(rid)
+    ]
 
 
 def precisions():
@@ -124,6 +176,28 @@ def tune_runs():
         for s in sparsities
         for f in t["factors"]
         for seed in seeds
+    ]
+
+
+def tune_dirs():
+    """Where tune select reads each tune run: its banked copy (config `bank`) or the run directory."""
+    return [banked(os.path.relpath(d, R)) or d for d in tune_runs()]
+
+
+def tune_inputs(wildcards=None):
+    """tune select's inputs: a banked run's final.json (or failed.json: a diverged rate), else the run's done
+    marker (which the tune_run rule makes)."""
+    return [
+        (
+            (
+                f"{d}/final.json"
+                if os.path.exists(f"{d}/final.json")
+                else f"{d}/failed.json"
+            )
+            if d != own
+            else f"{d}/done"
+        )
+        for d, own in zip(tune_dirs(), tune_runs())
     ]
 
 
@@ -246,7 +320,11 @@ def all_targets():
         targets += [TUNE_LR]
     # every run's final.json and eval.json by name: Snakemake >= 9 reruns a job whose output was deleted only
     # if a target asks for that file (downstream files that are present and newer do not)
-    targets += [f"{R}/runs/{rid}/final.json" for rid in all_runs() if not failed(rid)]
+    targets += [
+        f"{R}/runs/{rid}/final.json"
+        for rid in all_runs()
+        if not failed(rid) and not banked(f"runs/{rid}", "final.json")
+    ]
     targets += finished_or_pending()
     targets += expand(f"{R}/fit/fit_{{p}}.json", p=precisions())
     if config["figures"].get("enabled", True):

@@ -36,6 +36,7 @@ for mode in MODES:  # scratch, continue, finetune
             init=init_from(mode),
             out=lambda wc, output: os.path.dirname(output.final),
             launch=lambda wc, resources: launch_args(resources),
+            bank=bank_cmd("train", mode),
         shell:
             "sparsescale train {params.launch} --data {input.data} --out {params.out} {params.args} "
-            "{params.init} --eval-out {output.eval} > {log} 2>&1"
+            "{params.init} --eval-out {output.eval} > {log} 2>&1 {params.bank}"

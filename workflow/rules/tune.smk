@@ -25,14 +25,15 @@ rule tune_run:
         args=tune_args,
         out=lambda wc, output: os.path.dirname(output.done),
         warm=warm_flag,
+        bank=bank_cmd("tune"),
     shell:
         "( sparsescale train {params.warm} --data {input.data} --out {params.out} {params.args} || [ $? -eq 3 ] ) > {log} 2>&1 "
-        "&& touch {output.done}"
+        "&& touch {output.done} {params.bank}"
 
 
 rule tune_select:
     input:
-        lambda wc: [f"{d}/done" for d in tune_runs()],
+        tune_inputs,
     output:
         lr=TUNE_LR,
         table=report(
@@ -45,7 +46,7 @@ rule tune_select:
     conda:
         ENV
     params:
-        dirs=lambda wc: " ".join(tune_runs()),
+        dirs=lambda wc: " ".join(tune_dirs()),
         out=lambda wc, output: os.path.dirname(output.lr),
         rule=config.get("tune", {}).get("select", "mean"),
     shell:
