@@ -78,6 +78,33 @@ def test_smoke_outputs(smoke):
     assert cfg["precision"] == "1.58" and "torch" in cfg["versions"]
 
 
+def test_a_fresh_checkout_with_the_bank_trains_nothing_again(smoke, tmp_path):
+    """config `bank`: the smoke sweep's runs banked (`sparsescale reference bank`), a fresh copy of the workflow
+    with an empty results folder aggregates them from the bank without one train job, to the same losses."""
+    res = smoke / "results" / "smoke"
+    runs = sorted(d for d in (res / "runs").iterdir() if (d / "final.json").is_file() and "-continue" not in d.name
+                  and "-finetune" not in d.name)
+    bank = tmp_path / "bank"
+    p = subprocess.run([str(BIN / "sparsescale"), "reference", "bank", *map(str, runs), "--out", str(bank / "runs")],
+                       env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith(f"banked {len(runs)} run(s)"), p.stdout + p.stderr
+    assert not list(bank.rglob("*.safetensors")) and not list(bank.rglob("checkpoints"))
+    (tmp_path / "fresh").mkdir()
+    wd = copy_workflow(tmp_path / "fresh")
+    (wd / "bank.yaml").write_text(yaml.safe_dump({"bank": str(bank), "continue": {"enabled": False},
+                                                  "finetune": {"enabled": False}}))
+    args = ("results/smoke/tables/runs.csv", "--configfile", "config/smoke.yaml", "bank.yaml")
+    jobs = [rule for rule, _ in dry_run_jobs(*args, cwd=wd)]
+    assert jobs == ["aggregate"], jobs
+    snakemake(*args, cwd=wd)
+    got = pd.read_csv(wd / "results/smoke/tables/runs.csv").set_index("run_id")["val_loss"]
+    want = pd.read_csv(res / "tables/runs.csv").set_index("run_id")["val_loss"]
+    assert sorted(got.index) == [d.name for d in runs]
+    assert (got == want[got.index]).all()
+    curves = pd.read_csv(wd / "results/smoke/tables/curves.csv")
+    assert set(curves["run_id"]) == set(got.index)  # metrics.jsonl is banked too
+
+
 def test_rerun_after_deleting_one_final_reruns_only_that_run(smoke):
     final = smoke / "results" / "smoke" / "runs" / "d2-s0.50-bfp-seed0" / "final.json"
     final.unlink()
