@@ -64,8 +64,9 @@ def banked(rel, name=None):
 
 
 def bank_cmd(stage, mode="scratch"):
-    """The shell tail of a train (stage "train") or tune run ("tune") that banks it once finished
-    (`sparsescale reference bank`, output appended to the job's log); empty without config `bank`.
+    """The shell tail of a train (stage "train") or tune run ("tune") that banks it (`sparsescale reference
+    bank`, output appended to the job's log); empty without config `bank`. A train run is banked whether it
+    finished or diverged (failed.json; the job still fails with the run's exit code); a killed one is skipped.
     """
     parent = {"train": "runs", "tune": "tune/runs"}[stage]
 
@@ -74,8 +75,10 @@ def bank_cmd(stage, mode="scratch"):
             return ""
         run = os.path.dirname(output[0])
         log = f"{R}/logs/{stage}/{os.path.basename(run)}.log"
+        bank = f"sparsescale reference bank {run} --out {BANK}/{parent} >> {log} 2>&1"
+        # under Snakemake's `set -euo pipefail`: keep the run's exit code, bank, then exit with it
         return (
-            f"&& sparsescale reference bank {run} --out {BANK}/{parent} >> {log} 2>&1"
+            f"|| rc=$?; {bank}; exit ${{rc:-0}}" if stage == "train" else f"&& {bank}"
         )
 
     return cmd
