@@ -75,4 +75,9 @@ def test_model_logits_equal_kernel_path_fp32(kw):
     K.enable_sparse_decode(m)
     got = _decode_logits(m, ids, 6)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
+    # 8-bit activations: two fp32 sums that differ in the last bit can round to neighbouring int8 levels (a level
+    # is 1/127 of the token's absmax), and a flip persists through the KV cache. Seen on an AVX-512 machine at
+    # the third decode step: 1.6e-3 on logits of scale 0.68, where fp paths agree to 1e-7. So the ternary model
+    # agrees to a fraction of a level there, and the fp models to fp32 rounding.
+    tol = 1e-2 if kw.get("act_bits") else 2e-6
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
