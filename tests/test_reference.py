@@ -57,6 +57,35 @@ def test_export_keeps_result_files_only(tmp_path):
     assert (out / "pilots/d5/r/final.json").read_text() == '{"val_loss": 3.1}' and (out / "runs/a/final.json").is_file()
 
 
+def test_export_into_its_own_bank_keeps_every_banked_run_whole(tmp_path):
+    """A sweep that ran across sessions: its results root has this session's runs only, the bank has them all.
+    Exporting into the bank (`--out` = config `bank`) must lose no banked run and none of its files."""
+    root = _sweep(tmp_path / "res")
+    out = tmp_path / "ref"
+    banked = {"runs/b/final.json": '{"val_loss": 2.9}', "runs/b/eval.json": "{}", "runs/b/metrics.jsonl": "{}\n",
+              "runs/b/config.json": "{}", "runs/a/final.json": '{"val_loss": 3.0}', "runs/a/metrics.jsonl": "{}\n",
+              "runs/killed/config.json": "{}", "tune/runs/b-lr0.01/failed.json": "{}", "probes/p/final.json": "{}"}
+    for rel, text in banked.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    (root / "cfg.yaml").write_text(f"results: x\nbank: {out}\n")
+    export(root, root / "cfg.yaml", out)
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == sorted([
+        "config.yaml", "fit/fit_fp.json", "fit/optimal_sparsity.json", "figures/fig1_scaling.png", "jobs.csv",
+        "sweep.json", "tables/curves.csv", "tables/losses.md", "tables/runs.csv", "versions.json",
+        "tune/lr.json", "tune/runs/a-lr0.01/final.json", "tune/runs/b-lr0.01/failed.json", "probes/p/final.json",
+        "runs/a/final.json", "runs/a/metrics.jsonl", "runs/b/config.json", "runs/b/eval.json",
+        "runs/b/final.json", "runs/b/metrics.jsonl"])
+    # a banked run comes from the bank (not the results root's copy), an unfinished one is not exported
+    assert (out / "runs/a/final.json").read_text() == '{"val_loss": 3.0}'
+    assert (out / "runs/b/final.json").read_text() == '{"val_loss": 2.9}'
+    (root / "cfg.yaml").write_text("bank: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        export(root, root / "cfg.yaml", out)
+    assert (out / "runs/b/metrics.jsonl").is_file()
+
+
 def test_bank_copies_finished_runs_result_files_only(tmp_path):
     runs = tmp_path / "runs"
     files = {"done/final.json": '{"val_loss": 2.5}', "done/config.json": "{}", "done/eval.json": "{}",

@@ -25,7 +25,9 @@ Regenerate from the reference alone (what `make reference-figures` runs):
 
 CLI: `sparsescale reference export --results results/cpu --config config/cpu.yaml --out results/reference
 [--wall-s SECONDS]`. Folders of the old reference that an export does not write (`pilots/`, banks) are carried
-over, never deleted.
+over, never deleted. With a config `bank`, every banked run is exported from the bank, whole: a sweep that ran
+across sessions has only its last session's runs under its results root, and `--out` may be the bank itself
+(`--results results/cpu4m --config config/cpu4m.yaml --out results/reference/cpu4m`).
 
 **A bank** keeps a sweep that runs across sessions: checkpoints and ignored results do not survive a fresh
 checkout, committed files do. `bank` copies each finished run's result files (final.json or failed.json, with
@@ -124,7 +126,9 @@ def export(results: str | Path, config: str | Path, out: str | Path, wall_s: flo
         raise UserError(f"config file {config} not found: pass the --config the sweep ran with")
     if wall_s is not None and not (math.isfinite(wall_s) and wall_s > 0):
         raise UserError(f"--wall-s must be a positive number of seconds: got {wall_s}")
-    files = sorted({p for folder, pattern in KEEP for p in (results / folder).glob(pattern) if p.is_file()})
+    bank_runs = _bank_runs(config)
+    files = sorted({p for folder, pattern in KEEP for p in (results / folder).glob(pattern) if p.is_file()
+                    and _run_rel(p.relative_to(results)) not in bank_runs})
     bad = [p for p in files if p.suffix in FORBIDDEN_SUFFIXES]
     if bad:
         raise UserError(f"{bad[0]} looks like model weights: the reference keeps result files only")
@@ -137,6 +141,11 @@ def export(results: str | Path, config: str | Path, out: str | Path, wall_s: flo
                 shutil.copytree(p, tmp / p.name)
             else:
                 shutil.copyfile(p, tmp / p.name)
+        for rel, src in bank_runs.items():  # the bank's runs whole: every run of the sweep, with its curves
+            (tmp / rel).mkdir(parents=True)
+            for name in BANK_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / rel / name)
         for p in files:
             dst = tmp / p.relative_to(results)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +154,40 @@ def export(results: str | Path, config: str | Path, out: str | Path, wall_s: flo
         write_json(tmp / "versions.json", versions())
         write_json(tmp / "sweep.json", sweep_record(rows, wall_s, str(config)))
         atomic_write_text(tmp / "jobs.csv", _jobs_csv(rows))
-    return [out / p.relative_to(results) for p in files] + [out / n for n in
-                                                            ("config.yaml", "versions.json", "sweep.json", "jobs.csv")]
+    return ([out / p.relative_to(results) for p in files] + [out / rel for rel in bank_runs]
+            + [out / n for n in ("config.yaml", "versions.json", "sweep.json", "jobs.csv")])
+
+
+def _run_rel(rel: Path) -> Path | None:
+    """`runs/{id}` or `tune/runs/{id}` of a file below a results root or a bank, else None."""
+    parts = rel.parts
+    if len(parts) >= 3 and parts[0] == "runs":
+        return Path(*parts[:2])
+    if len(parts) >= 4 and parts[:2] == ("tune", "runs"):
+        return Path(*parts[:3])
+    return None
+
+
+def _bank_runs(config: Path) -> dict[Path, Path]:
+    """{`runs/{id}` or `tune/runs/{id}`: banked run dir} of the config's `bank` (empty without one). A sweep that
+    ran across sessions has only the runs of its last session under its results root; the bank has them all, so
+    an export takes each banked run from the bank, whole (eval.json and metrics.jsonl too): exporting into the
+    bank itself (`--out` = the bank) keeps it as it was."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {config} is not valid YAML ({e}): pass the --config the sweep ran with") from e
+    bank_dir = cfg.get("bank") if isinstance(cfg, dict) else None
+    if not bank_dir:
+        return {}
+    bank_dir = Path(bank_dir)
+    runs = {}
+    for d in sorted([*bank_dir.glob("runs/*"), *bank_dir.glob("tune/runs/*")]):
+        if (d / "final.json").is_file() or (d / "failed.json").is_file():
+            runs[d.relative_to(bank_dir)] = d
+    return runs
 
 
 def bank(run_dirs: list[str | Path], out: str | Path) -> tuple[list[Path], list[Path]]:
