@@ -48,6 +48,8 @@ import math
 import shutil
 from pathlib import Path
 
+import yaml
+
 from sparsescale.errors import UserError
 from sparsescale.io import atomic_dir, atomic_write_text, read_json, versions, write_json
 
@@ -173,8 +175,6 @@ def _bank_runs(config: Path) -> dict[Path, Path]:
     ran across sessions has only the runs of its last session under its results root; the bank has them all, so
     an export takes each banked run from the bank, whole (eval.json and metrics.jsonl too): exporting into the
     bank itself (`--out` = the bank) keeps it as it was."""
-    import yaml
-
     try:
         cfg = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as e:
