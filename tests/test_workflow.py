@@ -165,6 +165,25 @@ def test_bad_config_fails_at_startup(tmp_path, sweep, key):
     assert not (wd / "results").exists()
 
 
+def test_extra_seeds_add_runs_at_one_sparsity_only(tmp_path):
+    """sweep.extra_seeds: seeds 2 and 3 at S = 0.8 on the smoke grid (3 sizes x 3 S x 2 precisions, seed 0) add
+    exactly 3 x 2 x 2 = 12 scratch runs, all at S = 0.8; a sparsity off the grid or a seed run twice fails at
+    start-up with one message naming it."""
+    wd = copy_workflow(tmp_path)
+    (wd / "extra.yaml").write_text(yaml.safe_dump({"sweep": {"extra_seeds": [{"sparsity": 0.8, "seeds": [2, 3]}]}}))
+    base = {run_config(c)[0] for c in train_commands("config/smoke.yaml", cwd=wd)["train"]}
+    more = {run_config(c)[0] for c in train_commands("config/smoke.yaml", "extra.yaml", cwd=wd)["train"]}
+    assert len(base) == 18 and base < more
+    assert sorted(more - base) == sorted(f"{n}-s0.80-b{p}-seed{seed}" for n in ("d1", "d2", "d3")
+                                         for p in ("fp", "1.58") for seed in (2, 3))
+    for bad, named in [({"sparsity": 0.6, "seeds": [2]}, "extra_seeds[0].sparsity: 0.6 is not in sweep.sparsity"),
+                       ({"sparsity": 0.8, "seeds": [0, 2]}, "extra_seeds[0].seeds: seed 0 runs twice at S = 0.8")]:
+        (wd / "bad.yaml").write_text(yaml.safe_dump({"sweep": {"extra_seeds": [bad]}}))
+        p = snakemake("--configfile", "config/smoke.yaml", "bad.yaml", "-n", cwd=wd, check=False)
+        assert p.returncode != 0 and named in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+    assert not (wd / "results").exists()
+
+
 def train_commands(*configfiles, cwd=ROOT) -> dict[str, list[str]]:
     """The `sparsescale train` command lines of a forced dry run, by rule name."""
     p = snakemake("-n", "-p", "--forceall", "--configfile", *configfiles, cwd=cwd)
@@ -264,8 +283,10 @@ def test_rule_run_ids_are_train_config_run_ids(configfile):
     conf = yaml.safe_load((ROOT / "config" / configfile).read_text())
     defaults = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
     sweep = {**defaults["sweep"], **conf.get("sweep", {})}
+    extra = [(e["sparsity"], seed) for e in sweep.get("extra_seeds") or [] for seed in e["seeds"]]
     scratch = {run_id(n, s, p, seed) for n in sweep["sizes"] for s in sweep["sparsity"] for p in sweep["precision"]
                for seed in sweep["seeds"]}
+    scratch |= {run_id(n, s, p, seed) for n in sweep["sizes"] for s, seed in extra for p in sweep["precision"]}
     # a banked run (config `bank`, committed) is not trained again
     bank = ROOT / conf["bank"] / "runs" if conf.get("bank") else None
     banked = {rid for rid in scratch if bank and any((bank / rid / f).is_file() for f in ("final.json", "failed.json"))}

@@ -43,6 +43,30 @@ def check_config(config, schema):
     except WorkflowError as err:
         raise WorkflowError(config_error_message(err)) from None
     check_data_files(config)
+    check_extra_seeds(config["sweep"])
+
+
+def check_extra_seeds(sweep):
+    """sweep.extra_seeds: each names a sparsity of the grid and seeds that sweep.seeds does not run already."""
+    grid = sweep["sparsity"]
+    for i, e in enumerate(sweep.get("extra_seeds") or []):
+        if not any(abs(e["sparsity"] - s) < 1e-9 for s in grid):
+            raise WorkflowError(
+                f"config sweep.extra_seeds[{i}].sparsity: {e['sparsity']} is not in sweep.sparsity "
+                f"{grid}; name a sparsity of the grid"
+            )
+        at_s = list(sweep["seeds"]) + [
+            x
+            for f in sweep["extra_seeds"]
+            if abs(f["sparsity"] - e["sparsity"]) < 1e-9
+            for x in f["seeds"]
+        ]
+        twice = sorted({x for x in at_s if at_s.count(x) > 1})
+        if twice:
+            raise WorkflowError(
+                f"config sweep.extra_seeds[{i}].seeds: seed {twice[0]} runs twice at S = {e['sparsity']} "
+                f"(sweep.seeds is {sweep['seeds']}); list only seeds beyond sweep.seeds, once each"
+            )
 
 
 def check_data_files(config):

@@ -25,6 +25,15 @@ def run_path(mode, name=""):
     return f"{R}/runs/{RUN_ID_PATTERN}{run_id_suffix(mode)}/{name}".rstrip("/")
 
 
+def seeds_at(s):
+    """The seeds of the sweep at sparsity s: sweep.seeds, then sweep.extra_seeds of that sparsity."""
+    sw = config["sweep"]
+    extra = [
+        e["seeds"] for e in sw.get("extra_seeds") or [] if abs(e["sparsity"] - s) < 1e-9
+    ]
+    return list(sw["seeds"]) + [seed for seeds in extra for seed in seeds]
+
+
 def scratch_runs():
     sw = config["sweep"]
     return [
@@ -32,7 +41,7 @@ def scratch_runs():
         for n in sw["sizes"]
         for s in sw["sparsity"]
         for p in sw["precision"]
-        for seed in sw["seeds"]
+        for seed in seeds_at(s)
     ]
 
 
