@@ -162,11 +162,31 @@ def test_flags_for_an_optimum_beyond_the_data():
         "stability": {"stable": False, "max_shift_size": 0.17, "max_shift_sparsity": 0.2, "tolerance": 0.05},
         "bootstrap": {"share_no_finite_optimum": 0.3},
         "shape": {"flags": {"loss_not_falling_with_n": "loss does not fall with N in 1 step(s) ..."}},
+        "e_profile": {"sensitive": True, "s_star_range": [0.41, 0.62]},
     }
     codes, msgs = ft.flags_of(report)
     assert codes == ["s_star_beyond_data", "on_bound:E", "wide_interval", "undetermined_in_resamples", "unstable",
-                     "few_sparsities", "loss_not_falling_with_n"]
+                     "s_star_depends_on_e", "few_sparsities", "loss_not_falling_with_n"]
     assert "beyond the largest sparsity measured (0.8)" in msgs[0] and "30%" in msgs[3]
+    assert "[0.410, 0.620]" in msgs[5]
+    report["e_profile"]["sensitive"] = False
+    assert "s_star_depends_on_e" not in ft.flags_of(report)[0]
+
+
+def test_e_profile_pins_the_floor_and_recovers_s_star_where_e_is_true():
+    """Noiseless paper law (E = 1.86): with E pinned at 0, 0.25 ... 0.9 of the smallest loss the profile keeps
+    E exactly there, its best objective is at the pin nearest the true E, and S* there is the true 0.502."""
+    runs = planted(0, noise=0.0, seeds=1)
+    fit = sc.fit_law(runs, n_starts=32)
+    prof = dg.e_profile(runs, fit, multistart=16)
+    lo = runs["val_loss"].min()
+    pins = [pt["E"] for pt in prof["points"]]
+    assert pins[0] == pytest.approx(np.exp(-10)) and pins[1:] == pytest.approx([f * lo for f in dg.E_FRACTIONS[1:]])
+    nearest = int(np.argmin([abs(e - PAPER["E"]) for e in pins]))
+    assert nearest == int(np.argmin([pt["objective"] for pt in prof["points"]]))
+    assert prof["points"][nearest]["s_star"] == pytest.approx(sc.optimal_sparsity(PAPER)["s_star"], abs=0.02)
+    s = [pt["s_star"] for pt in prof["points"]]
+    assert prof["s_star_range"] == [min(s), max(s)] and prof["sensitive"] == (max(s) - min(s) > dg.STABLE_SHIFT)
 
 
 def test_compare_precisions_pairs_resamples_with_a_finite_optimum():
@@ -202,6 +222,11 @@ def test_fit_tables_and_figure_carry_the_diagnostics(tmp_path, capsys):
     assert "| token budget D | 1,000,000 (one D) | 1,000,000 (one D) |" in md
     assert "S* without size d1 (shift, points)" in md and "S* without S = 90% (shift, points)" in md
     assert "| bootstrap | seeds, 12/12 refits | seeds, 12/12 refits |" in md
+    fits = {p: __import__("json").loads((out / f"fit_{p}.json").read_text()) for p in ("fp", "1.58")}
+    row = "| S* with E pinned at 0 … 0.9 x the smallest loss | " + " | ".join(
+        f"{100 * f['e_profile']['s_star_range'][0]:.1f}% – {100 * f['e_profile']['s_star_range'][1]:.1f}%"
+        for f in fits.values()) + " |"
+    assert row in md, md
     from sparsescale.plots import plot_stability, save_figure
     from sparsescale.results import read_fits
 

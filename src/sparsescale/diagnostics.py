@@ -17,6 +17,10 @@ Features
 - `s_star_interval(samples)`: the percentile interval over resamples with a finite optimum; the share with
   no finite optimum (S* -> 1) and the share with S* = 0 reported beside it, never folded into the interval.
 - `drop_one(runs, fit)`: S* refitted without each size and without each sparsity, and the largest shift.
+- `e_profile(runs, fit)`: S* refitted with E pinned at fractions of the smallest loss. Over a narrow span of N
+  the floor E and the exponent alpha trade off (E on its bound at 0 with alpha ~0.04 fits about as well as
+  E = 2 with alpha ~0.13); S* = argmin A(S)(1-S)^alpha depends on alpha, so a headline S* must not depend on
+  where in that valley the fit landed: `s_star_range` is the spread of S* along it.
 - `leave_one_size_out`, `dense_leave_one_size_out`, `aic`: held-out error of the largest size and a
   pseudo-AIC for the model comparison.
 """
@@ -328,6 +332,44 @@ def drop_one(runs, fit: dict, multistart: int = MULTISTART, tolerance: float = S
         "tolerance": tolerance,
         "stable": None if w_size is None or w_sparsity is None else bool(max(w_size, w_sparsity) <= tolerance),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The floor E: a profile
+
+
+E_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)  # E pinned at these fractions of the smallest observed loss
+
+
+@one_blas_thread
+def e_profile(runs, fit: dict, fractions=E_FRACTIONS, multistart: int = 4 * MULTISTART,
+              tolerance: float = STABLE_SHIFT) -> dict:
+    """S* with E pinned at each fraction of the smallest observed loss (0: E at its lower bound), every other
+    constant refitted (the grid's best starts with E replaced, and the full fit's optimum). Returns the points
+    (E, objective, alpha, beta, s_star), `s_star_range` [min, max] over them and `sensitive` when that range is
+    wider than `tolerance`. A refit with no finite optimum counts as S* = 1."""
+    runs, _ = validate_runs(runs)
+    log_n_ref = fit["log_n_ref"]
+    F = law_design(np.log(runs["n_params"].to_numpy(float)) - log_n_ref, x_of_s(runs["sparsity"].to_numpy(float), fit["form"]))
+    log_y = np.log(runs["val_loss"].to_numpy(float))
+    lo_loss = float(runs["val_loss"].min())
+    points = []
+    for frac in fractions:
+        bounds = list(param_bounds(log_y))
+        log_e = bounds[0][0] if frac <= 0 else float(np.log(frac * lo_loss))
+        bounds[0] = (log_e, log_e)
+        grid = init_grid(log_y)
+        grid[:, 0] = log_e
+        warm = np.array(fit["p"], float)
+        warm[0] = log_e
+        starts = np.vstack([warm[None], screen_starts(grid, F, log_y, multistart)])
+        p, fun, _, _ = minimise(F, log_y, starts, bounds)
+        params = to_params(p, log_n_ref)
+        points.append({"fraction": float(frac), "E": params["E"], "objective": float(fun), "alpha": params["alpha"],
+                       "beta": params["beta"], "s_star": optimal_sparsity(params, fit["form"])["s_star"]})
+    s = [pt["s_star"] for pt in points]
+    return {"points": points, "s_star_range": [min(s), max(s)], "tolerance": tolerance,
+            "sensitive": bool(max(s) - min(s) > tolerance)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -72,6 +72,12 @@ def flags_of(report: dict) -> tuple[list[str], list[str]]:
         flag("unstable",
              f"dropping one size moves S* by up to {stab['max_shift_size']:.3f}, one sparsity by up to "
              f"{stab['max_shift_sparsity']:.3f} (tolerance {stab['tolerance']})")
+    prof = report.get("e_profile")
+    if prof and prof["sensitive"]:
+        lo, hi = prof["s_star_range"]
+        flag("s_star_depends_on_e",
+             f"S* ranges over [{lo:.3f}, {hi:.3f}] as the floor E is pinned from 0 to 0.9 x the smallest loss: the "
+             "data leave E and alpha traded off, and S* follows alpha; add sizes or span more N")
     for code, msg in design["flags"].items():  # few_sizes, few_sparsities, budget_varies_with_n
         flag(code, msg)
     for code, msg in report.get("shape", {}).get("flags", {}).items():  # the data against the law's shape
@@ -101,6 +107,7 @@ def fit_report(
     opt = optimal_sparsity(fit["params"], form)
     design = dg.design_check(runs)
     stability = dg.drop_one(runs, fit, multistart)
+    profile = dg.e_profile(runs, fit)
     warnings = list(fit["warnings"])
     if missing:
         names = ", ".join(str(m.get("run_id", f"n_params={m.get('n_params')}, S={m.get('sparsity')}")) for m in missing)
@@ -159,6 +166,7 @@ def fit_report(
         | {"s_star_samples": [float(v) if v == v else None for v in boot["samples"][:, -1]],
            "ok": [bool(v) for v in boot["samples"][:, 0]]},
         "stability": stability,
+        "e_profile": profile,
         "loso": loso,
         "comparison": comparison,
         "dense_baseline": dense["fits"],

@@ -336,7 +336,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
     optimum, S* refitted without each size and each sparsity, and the flags of the fit."""
     keys = [("sizes", "model sizes (N span)"), ("sparsities", "sparsities (largest)"), ("seeds", "seeds per cell"),
             ("tokens", "token budget D"), ("s_star", "S* [95% interval]"), ("no_opt", "resamples without a finite S*"),
-            ("method", "bootstrap"), ("seed_sd", "seed s.d. of a run (nats)"),
+            ("method", "bootstrap"), ("e_range", "S* with E pinned at 0 … 0.9 x the smallest loss"),
+            ("seed_sd", "seed s.d. of a run (nats)"),
             ("falls", "loss falls with N at every S"), ("grows", "gap to dense grows with S at every N"),
             ("shrinks", "gap to dense shrinks with N at every S")]
     sizes = sorted({(r.get("size") or fmt_n(r["n_params"]), r["n_params"]) for f in fits.values() if f
@@ -366,6 +367,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
         cells["s_star"][prec] = f"{fmt_pct(s_star_of(f), 1)} {fmt_ci(ci, lambda v: fmt_pct(v, 1))}"
         cells["no_opt"][prec] = fmt_pct(b.get("share_no_finite_optimum"), 0)
         cells["method"][prec] = f"{b.get('method', MISSING)}, {b.get('n_ok', MISSING)}/{b.get('n', MISSING)} refits"
+        rng = (f.get("e_profile") or {}).get("s_star_range")
+        cells["e_range"][prec] = f"{fmt_pct(rng[0], 1)} – {fmt_pct(rng[1], 1)}" if rng else MISSING
         sh = f.get("shape") or {}
         cells["seed_sd"][prec] = fmt_num(sh.get("seed_sd")) if finite(sh.get("seed_sd")) else MISSING
         for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s"),
