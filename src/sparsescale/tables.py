@@ -368,7 +368,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
         cells["no_opt"][prec] = fmt_pct(b.get("share_no_finite_optimum"), 0)
         cells["method"][prec] = f"{b.get('method', MISSING)}, {b.get('n_ok', MISSING)}/{b.get('n', MISSING)} refits"
         rng = (f.get("e_profile") or {}).get("s_star_range")
-        cells["e_range"][prec] = f"{fmt_pct(rng[0], 1)} – {fmt_pct(rng[1], 1)}" if rng else MISSING
+        if rng:
+            cells["e_range"][prec] = f"{fmt_pct(rng[0], 1)} – {fmt_pct(rng[1], 1)}"
         sh = f.get("shape") or {}
         cells["seed_sd"][prec] = fmt_num(sh.get("seed_sd")) if finite(sh.get("seed_sd")) else MISSING
         for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s"),
@@ -387,6 +388,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
                         "max_shift_size": st.get("max_shift_size"), "max_shift_sparsity": st.get("max_shift_sparsity"),
                         "stable": st.get("stable"), "trustworthy": f.get("trustworthy"), "flags": ";".join(f.get("flags") or [])})
     for key, label in keys:
+        if key == "e_range" and not cells[key]:  # fits written before the E profile existed
+            continue
         add(label, key, cells[key])
     for name, _ in sizes:
         add(f"S* without size {name} (shift, points)", None, drop[f"size:{name}"])
