@@ -233,7 +233,11 @@ def test_fit_tables_and_figure_carry_the_diagnostics(tmp_path, capsys):
     fig = plot_stability(read_fits(out))
     assert [ax.get_title() for ax in fig.axes] == ["full precision", "1.58-bit"]
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["−d1", "−d2", "−d3", "−d4", "−S 0%", "−S 30%", "−S 50%", "−S 60%", "−S 70%", "−S 80%", "−S 90%"]
+    assert labels == ["−d1", "−d2", "−d3", "−d4", "−S 0%", "−S 30%", "−S 50%", "−S 60%", "−S 70%", "−S 80%", "−S 90%",
+                      "E 0·L", "E 0.25·L", "E 0.5·L", "E 0.75·L", "E 0.9·L"]
+    marks = fig.axes[0].lines  # the E profile's points are drawn where the fit JSON has them
+    (diamonds,) = [ln for ln in marks if ln.get_marker() == "D"]
+    assert list(diamonds.get_ydata()) == pytest.approx([pt["s_star"] for pt in fits["fp"]["e_profile"]["points"]])
     paths = save_figure(fig, tmp_path / "fig", "fig10_stability", dpi=60)
     assert [p.name for p in paths] == ["fig10_stability.png", "fig10_stability.pdf"]
 

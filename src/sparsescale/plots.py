@@ -506,9 +506,10 @@ def _loso_panel(ax, fit: dict, scolors: dict) -> None:
 
 
 def plot_stability(fits: dict) -> Figure:
-    """Per precision: S* of the full fit with its 95% interval, and S* refitted without each size and each
-    sparsity; the band of +-tolerance around S* is what "stable" means. A refit without a finite optimum is
-    drawn at 100%."""
+    """Per precision: S* of the full fit with its 95% interval, S* refitted without each size and each
+    sparsity, and S* with the floor E pinned at fractions of the smallest loss (`e_profile`, when the fit has
+    one); the band of +-tolerance around S* is what "stable" means. A refit without a finite optimum is drawn
+    at 100%."""
     with theme():
         fig, axes = figure_grid(1, 2, (8.4, 3.2), sharey=True)
         for ax, prec in zip(axes[0], PRECISIONS):
@@ -527,6 +528,10 @@ def plot_stability(fits: dict) -> Figure:
             for r in st.get("drop_sparsity") or []:
                 labels.append(f"−S {100 * r['sparsity']:g}%")
                 values.append(r["s_star"])
+            n_drop = len(labels)
+            for r in (fit.get("e_profile") or {}).get("points") or []:
+                labels.append(f"E {r['fraction']:g}·L")
+                values.append(r["s_star"])
             x = np.arange(len(labels))
             tol = st.get("tolerance", 0.05)
             ci = interval(fit, "s_star")
@@ -536,9 +541,12 @@ def plot_stability(fits: dict) -> Figure:
             ax.axhline(star, color=color, lw=1.4)
             y = np.array([np.nan if v is None else v for v in values], float)
             ax.plot(x[:n_size], y[:n_size], "o", color=color, ms=5, zorder=3)
-            ax.plot(x[n_size:], y[n_size:], "s", color=color, mfc="white", ms=5, zorder=3)
+            ax.plot(x[n_size:n_drop], y[n_size:n_drop], "s", color=color, mfc="white", ms=5, zorder=3)
+            ax.plot(x[n_drop:], y[n_drop:], "D", color=color, mfc="white", ms=4, zorder=3)
             ax.set_xticks(x, labels, rotation=60, ha="right", fontsize="small")
             ax.axvline(n_size - 0.5, color="0.7", lw=0.8)
+            if len(labels) > n_drop:
+                ax.axvline(n_drop - 0.5, color="0.7", lw=0.8)
             percent_axis(ax.yaxis)
             share = (fit.get("bootstrap") or {}).get("share_no_finite_optimum")
             text = f"S* = {100 * star:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
@@ -552,7 +560,9 @@ def plot_stability(fits: dict) -> Figure:
                    Patch(color="0.5", alpha=0.3, lw=0, label="95% bootstrap interval"),
                    Patch(facecolor="none", edgecolor="0.5", hatch="//", label="± tolerance of 'stable'"),
                    Line2D([], [], color="0.3", marker="o", lw=0, ms=5, label="one size dropped"),
-                   Line2D([], [], color="0.3", marker="s", mfc="white", lw=0, ms=5, label="one sparsity dropped")]
+                   Line2D([], [], color="0.3", marker="s", mfc="white", lw=0, ms=5, label="one sparsity dropped"),
+                   Line2D([], [], color="0.3", marker="D", mfc="white", lw=0, ms=4,
+                          label="E pinned at f × smallest loss L")]
         side_legend(fig, handles)
     return fig
 
