@@ -201,7 +201,8 @@ def test_cli_writes_all_tables_byte_identically(inputs, tmp_path):
         assert T.cli_tables(["--runs", str(inputs["runs"]), "--fit-dir", str(inputs["fit_dir"]), "--out", str(out)]) == 0
         outs.append(out)
     files = sorted(p.name for p in outs[0].iterdir())
-    assert files == sorted(f"{n}.{e}" for n in ("fit_constants", "losses", "sparsity", "fit_diagnostics") for e in ("md", "tex", "csv"))
+    assert files == sorted(f"{n}.{e}" for n in ("fit_constants", "losses", "matched_active", "sparsity", "fit_diagnostics")
+                            for e in ("md", "tex", "csv"))
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
     assert not any(p.name.startswith(".") for p in outs[0].iterdir())  # no temporary files left behind
@@ -243,3 +244,24 @@ def test_precision_stays_text_when_only_158_runs(tmp_path):
     assert R.read_fits(p["fit_dir"])["fp"] is None
     rows = md_rows(T.to_markdown(T.losses_table(runs)))
     assert {r[0] for r in rows[1:]} == {"1.58-bit"}
+
+
+def test_matched_active_compares_sparse_with_dense_at_equal_active_parameters():
+    """Dense losses 3.0, 2.8, 2.6 at N = 100, 1000, 10000 (linear in log N); sparse runs of the 1000 model:
+    S = 0.9 activates 100 parameters (dense 3.0 exactly), S = 0.5 activates 500 (dense 3 - 0.2 log10 5, the
+    log-linear interpolation); the 100 model at S = 0.5 activates 50, below the smallest dense size: no value."""
+    rows = [("d1", 100, 0.0, 3.0), ("d2", 1000, 0.0, 2.8), ("d3", 10000, 0.0, 2.6),
+            ("d2", 1000, 0.9, 2.95), ("d2", 1000, 0.5, 2.83), ("d1", 100, 0.5, 3.1)]
+    runs = pd.DataFrame([{"precision": "fp", "mode": "scratch", "size": sz, "n_params": n, "sparsity": s,
+                          "seed": k, "val_loss": v + (0.01 if k else -0.01)} for sz, n, s, v in rows for k in (0, 1)])
+    t = T.matched_table(runs)
+    d = csv_frame(t).set_index(["size", "sparsity"])
+    assert d.loc[("d2", 0.9), "dense_at_n_active"] == pytest.approx(3.0)
+    assert d.loc[("d2", 0.9), "delta"] == pytest.approx(-0.05)
+    assert d.loc[("d2", 0.5), "dense_at_n_active"] == pytest.approx(3.0 - 0.2 * math.log10(5))
+    assert d.loc[("d2", 0.5), "delta"] == pytest.approx(2.83 - (3.0 - 0.2 * math.log10(5)))
+    assert math.isnan(d.loc[("d1", 0.5), "delta"]) and d.loc[("d1", 0.5), "n_active"] == pytest.approx(50)
+    md = md_rows(T.to_markdown(t))
+    assert md[0] == ["Precision", "Model", "N", "S=50%", "S=90%"]
+    assert md[1] == ["full precision", "d1", "100", R.MISSING, R.MISSING]
+    assert md[2] == ["full precision", "d2", "1k", f"{2.83 - (3.0 - 0.2 * math.log10(5)):+.3f}", "-0.050"]

@@ -70,7 +70,7 @@ def test_smoke_outputs(smoke):
     for name in ("fig1_scaling", "fig3_optimal_sparsity", "fig7_residuals"):
         assert (res / "figures" / f"{name}.png").stat().st_size > 10_000
         assert (res / "figures" / f"{name}.pdf").is_file()
-    for name in ("fit_constants", "losses", "sparsity"):
+    for name in ("fit_constants", "losses", "matched_active", "sparsity"):
         for ext in ("md", "tex", "csv"):
             assert (res / "tables" / f"{name}.{ext}").is_file()
     # every run records its config and versions next to its results

@@ -3,9 +3,9 @@
 Notable features:
 - made only from `results/tables/runs.csv` and the fit JSONs in `results/fit/` (never from logs), read by
   `sparsescale.results`;
-- four tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
+- five tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
   paper's own rounded constants give), the loss of every (N, S) cell per precision with the gap to the
-  dense model in %, the measured sparsity per projection (the paper's Table 2 layout), and the diagnostics
+  dense model in %, sparse against dense at equal activated parameters (no law: `matched_active`), the measured sparsity per projection (the paper's Table 2 layout), and the diagnostics
   of S* (design, interval, drop-one-size / drop-one-sparsity refits, flags);
 - byte-identical on rerun: rows sorted, fixed float formats, no timestamps, '\\n' line ends;
 - all writes atomic (`sparsescale.io`); missing inputs raise `UserError` naming the command that makes them.
@@ -276,6 +276,58 @@ def losses_table(runs: pd.DataFrame) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Table 2b: sparse against dense at equal activated parameters (no law)
+
+
+def matched_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (precision, mode, size, S > 0): the sparse cell's mean loss against the dense loss at its activated
+    parameters N_a = (1 - S) N, interpolated linearly in log N between the two dense sizes around N_a (seed
+    means; no extrapolation: outside the dense sizes' range `delta` is NaN). delta < 0: at equal inference
+    cost the larger sparse model beats the dense one. This checks S* without the law."""
+    cells = loss_cells(runs)
+    records = []
+    for (prec, mode), g in cells.groupby(["precision", "mode"], sort=False):
+        dense = g[(g.sparsity == 0.0) & g.val_loss_mean.notna()].sort_values("n_params")
+        log_n, loss = np.log(dense.n_params.to_numpy(float)), dense.val_loss_mean.to_numpy(float)
+        for c in g[g.sparsity > 0].itertuples(index=False):
+            n_a = (1.0 - c.sparsity) * c.n_params
+            inside = len(log_n) >= 2 and log_n[0] - 1e-9 <= np.log(n_a) <= log_n[-1] + 1e-9
+            at = float(np.interp(np.log(n_a), log_n, loss)) if inside else np.nan
+            records.append({"precision": prec, "mode": mode, "size": c.size, "n_params": c.n_params,
+                            "sparsity": c.sparsity, "n_active": n_a, "val_loss_mean": c.val_loss_mean,
+                            "dense_at_n_active": at, "delta": c.val_loss_mean - at if inside else np.nan})
+    return pd.DataFrame(records, columns=["precision", "mode", "size", "n_params", "sparsity", "n_active",
+                                          "val_loss_mean", "dense_at_n_active", "delta"])
+
+
+def matched_table(runs: pd.DataFrame) -> Table:
+    """Pivot N x S per precision (and mode): sparse loss minus dense loss at the same activated parameters."""
+    cells = matched_cells(runs)
+    sparsities = sorted(cells.sparsity.unique())
+    show_mode = cells["mode"].nunique() > 1
+    header = ["Precision"] + (["Mode"] if show_mode else []) + ["Model", "N"] + [fmt_s(s) for s in sparsities]
+    rows, groups, last = [], [], None
+    for prec, mode, size, n in _row_groups(runs):
+        g = cells[(cells.precision == prec) & (cells["mode"] == mode) & (cells["size"] == size)]
+        if g.empty:
+            continue
+        if prec != last:
+            groups.append(len(rows))
+            last = prec
+        row = [PRECISION_LABEL[prec]] + ([mode] if show_mode else []) + [size, fmt_n(n)]
+        for s in sparsities:
+            c = g[g.sparsity == s]
+            row.append(f"{c.delta.iloc[0]:+.3f}" if len(c) and finite(c.delta.iloc[0]) else MISSING)
+        rows.append(row)
+    notes = ["Loss of the sparse model minus the loss of a dense model with as many parameters as the sparse one "
+             "activates, N_a = (1 - S) N (nats/token, seed means; the dense loss interpolated linearly in log N "
+             "between the two dense sizes around N_a, never extrapolated: — outside them).",
+             "Negative: at equal inference cost the larger sparse model is better. No fitted law is involved: a "
+             "check of S* from the runs alone."]
+    return Table("matched_active", header, rows, cells, notes, groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Table 3: measured sparsity per projection (the paper's Table 2 layout)
 
 SPARSITY_COLUMNS = tuple(f"sparsity_measured_{p}" for p in PROJECTIONS) + ("sparsity_measured",)
@@ -410,8 +462,8 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
 
 
 def make_tables(results: Results) -> list[Table]:
-    return [fit_constants_table(results.fits, results.optimal), losses_table(results.runs), sparsity_table(results.runs),
-            diagnostics_table(results.fits, results.optimal)]
+    return [fit_constants_table(results.fits, results.optimal), losses_table(results.runs), matched_table(results.runs),
+            sparsity_table(results.runs), diagnostics_table(results.fits, results.optimal)]
 
 
 def cli_tables(argv: list[str]) -> int:

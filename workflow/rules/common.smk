@@ -323,7 +323,7 @@ def figure_names():
 
 
 def table_names():
-    return ["fit_constants", "losses", "sparsity", "fit_diagnostics"]
+    return ["fit_constants", "losses", "matched_active", "sparsity", "fit_diagnostics"]
 
 
 def all_targets():
