@@ -291,3 +291,25 @@ def test_shape_check_finds_the_steps_that_break_the_law_with_their_seed_noise():
     one = dg.shape_check(runs[runs["seed"] == 0])
     assert one["seed_sd"] is None and set(one["flags"]) == {"loss_not_falling_with_n", "gap_not_growing_with_s",
                                                               "gap_not_shrinking_with_n"}
+
+
+def test_shape_check_pools_the_seed_noise_per_sparsity():
+    """Seeds differ by +-0.01 nats at every S but 0.9, by +-0.1 at S = 0.9 (top-K at 0.9 trains far noisier).
+    Pooled per S the seed s.d. is 0.01414 and 0.1414: a 0.05-nat break at S = 0.3 is beyond 2 s.e. (it would
+    not be with one s.d. pooled over all cells, 0.055), a 0.15-nat break at S = 0.9 is not (it would be)."""
+    runs = planted(0, noise=0.0)
+    sign = np.where(runs["seed"] == 0, 1.0, -1.0)
+    runs["val_loss"] += sign * np.where(runs["sparsity"] == 0.9, 0.1, 0.01)
+    for s, step in ((0.3, 0.05), (0.9, 0.15)):  # the 800k model worse than the 330k one by `step`
+        big, below = (runs["n_params"] == 800_000) & (runs["sparsity"] == s), float(sc.law(PAPER, 330_000, s))
+        runs.loc[big, "val_loss"] = below + step + sign[big] * (0.1 if s == 0.9 else 0.01)
+    got = dg.shape_check(runs)
+    assert got["seed_sd_by_s"][0.3] == pytest.approx(0.01414, abs=1e-4)
+    assert got["seed_sd_by_s"][0.9] == pytest.approx(0.1414, abs=1e-4)
+    assert got["seed_sd"] == pytest.approx(np.sqrt(4 * (6 * 2e-4 + 2e-2) / 28), rel=1e-6)
+    by_s = {v["sparsity"]: v for v in got["violations_n"]}
+    assert sorted(by_s) == [0.3, 0.9]
+    assert by_s[0.3]["step"] == pytest.approx(0.05) and by_s[0.3]["se"] == pytest.approx(0.01414, abs=1e-4)
+    assert by_s[0.3]["significant"] is True
+    assert by_s[0.9]["step"] == pytest.approx(0.15) and by_s[0.9]["se"] == pytest.approx(0.1414, abs=1e-4)
+    assert by_s[0.9]["significant"] is False

@@ -424,6 +424,10 @@ def diagnostics_table(fits: dict[str, dict | None], optimal: dict | None = None)
             cells["e_range"][prec] = f"{fmt_pct(rng[0], 1)} – {fmt_pct(rng[1], 1)}"
         sh = f.get("shape") or {}
         cells["seed_sd"][prec] = fmt_num(sh.get("seed_sd")) if finite(sh.get("seed_sd")) else MISSING
+        by_s = sh.get("seed_sd_by_s") or {}
+        if by_s and finite(sh.get("seed_sd")):  # fits written before it was pooled per S have none
+            cells["seed_sd"][prec] += "; by S: " + ", ".join(
+                f"{fmt_pct(float(k), 0)} {fmt_num(v)}" for k, v in sorted(by_s.items(), key=lambda kv: float(kv[0])))
         for key, ok, viol in (("falls", "loss_falls_with_n", "violations_n"), ("grows", "gap_grows_with_s", "violations_s"),
                               ("shrinks", "gap_shrinks_with_n", "violations_gap_n")):
             cells[key][prec] = _shape_cell(sh.get(ok), sh.get(viol) or [])
