@@ -168,7 +168,8 @@ def shape_check(runs: pd.DataFrame) -> dict:
                      else f"N = {first['n_params']:,.0f}, S {first['from']:g} -> {first['to']:g}")
             flags[code] = (f"{what} in {len(bad)} step(s) beyond 2 standard errors (e.g. {where}: "
                            f"{first['value_from']:.4f} -> {first['value_to']:.4f}): the law's shape does not hold there")
-    return {"seed_sd": seed_sd, "seed_sd_by_s": sd_by_s if seed_sd is not None else None, "loss_falls_with_n": not falls, "gap_grows_with_s": None if gaps is None else not grows,
+    return {"seed_sd": seed_sd, "seed_sd_by_s": sd_by_s if seed_sd is not None else None,
+            "loss_falls_with_n": not falls, "gap_grows_with_s": None if gaps is None else not grows,
             "gap_shrinks_with_n": None if gaps is None else not shrinks,
             "violations_n": falls, "violations_s": grows, "violations_gap_n": shrinks, "gaps": gaps, "flags": flags}
 
