@@ -39,6 +39,7 @@ from sparsescale.scaling import (
     MIN_SIZES,
     MIN_SPARSITIES,
     PARAM_NAMES,
+    design_arrays,
     param_bounds,
     init_grid,
     law_design,
@@ -355,8 +356,7 @@ def e_profile(runs, fit: dict, fractions=E_FRACTIONS, multistart: int = 4 * MULT
     wider than `tolerance`. A refit with no finite optimum counts as S* = 1."""
     runs, _ = validate_runs(runs)
     log_n_ref = fit["log_n_ref"]
-    F = law_design(np.log(runs["n_params"].to_numpy(float)) - log_n_ref, x_of_s(runs["sparsity"].to_numpy(float), fit["form"]))
-    log_y = np.log(runs["val_loss"].to_numpy(float))
+    F, log_y = design_arrays(runs, fit["form"], log_n_ref)
     lo_loss = float(runs["val_loss"].min())
     points = []
     for frac in fractions:

@@ -5,8 +5,9 @@ Notable features:
   `sparsescale.results`;
 - five tables: fitted constants with 95% intervals next to the paper's values (incl. the S* that the
   paper's own rounded constants give), the loss of every (N, S) cell per precision with the gap to the
-  dense model in %, sparse against dense at equal activated parameters (no law: `matched_active`), the measured sparsity per projection (the paper's Table 2 layout), and the diagnostics
-  of S* (design, interval, drop-one-size / drop-one-sparsity refits, flags);
+  dense model in %, sparse against dense at equal activated parameters (no law: `matched_active`), the
+  measured sparsity per projection (the paper's Table 2 layout), and the diagnostics of S* (design,
+  interval, drop-one-size / drop-one-sparsity refits, flags);
 - byte-identical on rerun: rows sorted, fixed float formats, no timestamps, '\\n' line ends;
 - all writes atomic (`sparsescale.io`); missing inputs raise `UserError` naming the command that makes them.
 
