@@ -298,8 +298,7 @@ def _refit_s_star(runs: pd.DataFrame, fit: dict, multistart: int) -> float | Non
     if runs["n_params"].nunique() < MIN_SIZES or runs["sparsity"].nunique() < MIN_SPARSITIES or len(runs) < len(PARAM_NAMES) + 1:
         return None
     log_n_ref = fit["log_n_ref"]
-    F = law_design(np.log(runs["n_params"].to_numpy(float)) - log_n_ref, x_of_s(runs["sparsity"].to_numpy(float), fit["form"]))
-    log_y = np.log(runs["val_loss"].to_numpy(float))
+    F, log_y = design_arrays(runs, fit["form"], log_n_ref)
     starts = np.vstack([fit["p"][None], screen_starts(init_grid(log_y), F, log_y, multistart)])
     p, _, _, _ = minimise(F, log_y, starts, param_bounds(log_y), loose=True)
     return optimal_sparsity(to_params(p, log_n_ref), fit["form"])["s_star"]
