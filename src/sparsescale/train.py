@@ -460,7 +460,8 @@ def train(cfg: TrainConfig, startup: tuple[float, float] = (0.0, 0.0)) -> dict:
                 with clock.timed("validation"):
                     val_loss = validation_loss(model, run, cfg)
                     extra = spike_row(model, run, cfg)
-            log.step(done, loss, lr, val_loss, extra)
+            with clock.timed("steps"):  # the step's log line belongs to the step: wall = the sum of the phases
+                log.step(done, loss, lr, val_loss, extra)
             if done % run.ckpt_every == 0 and done < run.steps:
                 with clock.timed("checkpoints"):
                     checkpoint(model, opt, done, run, cfg, clock)
