@@ -167,8 +167,9 @@ def test_bad_config_fails_at_startup(tmp_path, sweep, key):
 
 def test_extra_seeds_add_runs_at_one_sparsity_only(tmp_path):
     """sweep.extra_seeds: seeds 2 and 3 at S = 0.8 on the smoke grid (3 sizes x 3 S x 2 precisions, seed 0) add
-    exactly 3 x 2 x 2 = 12 scratch runs, all at S = 0.8; a sparsity off the grid or a seed run twice fails at
-    start-up with one message naming it."""
+    exactly 3 x 2 x 2 = 12 scratch runs, all at S = 0.8; an entry's `precision` narrows it to those precisions; a
+    sparsity off the grid, a precision off the sweep or a seed run twice fails at start-up with one message
+    naming it."""
     wd = copy_workflow(tmp_path)
     (wd / "extra.yaml").write_text(yaml.safe_dump({"sweep": {"extra_seeds": [{"sparsity": 0.8, "seeds": [2, 3]}]}}))
     base = {run_config(c)[0] for c in train_commands("config/smoke.yaml", cwd=wd)["train"]}
@@ -176,9 +177,22 @@ def test_extra_seeds_add_runs_at_one_sparsity_only(tmp_path):
     assert len(base) == 18 and base < more
     assert sorted(more - base) == sorted(f"{n}-s0.80-b{p}-seed{seed}" for n in ("d1", "d2", "d3")
                                          for p in ("fp", "1.58") for seed in (2, 3))
-    for bad, named in [({"sparsity": 0.6, "seeds": [2]}, "extra_seeds[0].sparsity: 0.6 is not in sweep.sparsity"),
-                       ({"sparsity": 0.8, "seeds": [0, 2]}, "extra_seeds[0].seeds: seed 0 runs twice at S = 0.8")]:
-        (wd / "bad.yaml").write_text(yaml.safe_dump({"sweep": {"extra_seeds": [bad]}}))
+    # `precision` narrows an entry: seed 2 at S = 0.5 for 1.58-bit only adds the 3 sizes' 1.58-bit runs
+    (wd / "one.yaml").write_text(yaml.safe_dump({"sweep": {"extra_seeds": [
+        {"sparsity": 0.5, "seeds": [2], "precision": ["1.58"]}, {"sparsity": 0.5, "seeds": [2], "precision": ["fp"]},
+        {"sparsity": 0.8, "seeds": [3], "precision": ["1.58"]}]}}))
+    one = {run_config(c)[0] for c in train_commands("config/smoke.yaml", "one.yaml", cwd=wd)["train"]}
+    assert sorted(one - base) == sorted([f"{n}-s0.50-b{p}-seed2" for n in ("d1", "d2", "d3") for p in ("fp", "1.58")]
+                                        + [f"{n}-s0.80-b1.58-seed3" for n in ("d1", "d2", "d3")])
+    only_158 = {"sparsity": 0.8, "seeds": [2], "precision": ["1.58"]}
+    for sweep, named in [
+        ({"extra_seeds": [{"sparsity": 0.6, "seeds": [2]}]}, "extra_seeds[0].sparsity: 0.6 is not in sweep.sparsity"),
+        ({"extra_seeds": [{"sparsity": 0.8, "seeds": [0, 2]}]}, "extra_seeds[0].seeds: seed 0 runs twice at S = 0.8"),
+        ({"extra_seeds": [only_158, {"sparsity": 0.8, "seeds": [2]}]},
+         "extra_seeds[0].seeds: seed 2 runs twice at S = 0.8, precision 1.58"),
+        ({"precision": ["fp"], "extra_seeds": [only_158]}, "extra_seeds[0].precision: 1.58 is not in sweep.precision"),
+    ]:
+        (wd / "bad.yaml").write_text(yaml.safe_dump({"sweep": sweep}))
         p = snakemake("--configfile", "config/smoke.yaml", "bad.yaml", "-n", cwd=wd, check=False)
         assert p.returncode != 0 and named in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
     assert not (wd / "results").exists()
@@ -283,10 +297,11 @@ def test_rule_run_ids_are_train_config_run_ids(configfile):
     conf = yaml.safe_load((ROOT / "config" / configfile).read_text())
     defaults = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
     sweep = {**defaults["sweep"], **conf.get("sweep", {})}
-    extra = [(e["sparsity"], seed) for e in sweep.get("extra_seeds") or [] for seed in e["seeds"]]
+    extra = [(e["sparsity"], p, seed) for e in sweep.get("extra_seeds") or [] for seed in e["seeds"]
+             for p in e.get("precision") or sweep["precision"]]
     scratch = {run_id(n, s, p, seed) for n in sweep["sizes"] for s in sweep["sparsity"] for p in sweep["precision"]
                for seed in sweep["seeds"]}
-    scratch |= {run_id(n, s, p, seed) for n in sweep["sizes"] for s, seed in extra for p in sweep["precision"]}
+    scratch |= {run_id(n, s, p, seed) for n in sweep["sizes"] for s, p, seed in extra}
     # a banked run (config `bank`, committed) is not trained again
     bank = ROOT / conf["bank"] / "runs" if conf.get("bank") else None
     banked = {rid for rid in scratch if bank and any((bank / rid / f).is_file() for f in ("final.json", "failed.json"))}

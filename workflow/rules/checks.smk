@@ -47,7 +47,8 @@ def check_config(config, schema):
 
 
 def check_extra_seeds(sweep):
-    """sweep.extra_seeds: each names a sparsity of the grid and seeds that sweep.seeds does not run already."""
+    """sweep.extra_seeds: each names a sparsity of the grid, precisions of the sweep (optional), and seeds that
+    sweep.seeds and the other entries do not run already at that sparsity and precision."""
     grid = sweep["sparsity"]
     for i, e in enumerate(sweep.get("extra_seeds") or []):
         if not any(abs(e["sparsity"] - s) < 1e-9 for s in grid):
@@ -55,18 +56,25 @@ def check_extra_seeds(sweep):
                 f"config sweep.extra_seeds[{i}].sparsity: {e['sparsity']} is not in sweep.sparsity "
                 f"{grid}; name a sparsity of the grid"
             )
-        at_s = list(sweep["seeds"]) + [
-            x
-            for f in sweep["extra_seeds"]
-            if abs(f["sparsity"] - e["sparsity"]) < 1e-9
-            for x in f["seeds"]
-        ]
-        twice = sorted({x for x in at_s if at_s.count(x) > 1})
-        if twice:
+        off = [p for p in e.get("precision") or [] if p not in sweep["precision"]]
+        if off:
             raise WorkflowError(
-                f"config sweep.extra_seeds[{i}].seeds: seed {twice[0]} runs twice at S = {e['sparsity']} "
-                f"(sweep.seeds is {sweep['seeds']}); list only seeds beyond sweep.seeds, once each"
+                f"config sweep.extra_seeds[{i}].precision: {off[0]} is not in sweep.precision "
+                f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
             )
+        for p in e.get("precision") or sweep["precision"]:
+            at_s = list(sweep["seeds"]) + [
+                x
+                for f in sweep["extra_seeds"]
+                if abs(f["sparsity"] - e["sparsity"]) < 1e-9 and p in (f.get("precision") or sweep["precision"])
+                for x in f["seeds"]
+            ]
+            twice = sorted({x for x in at_s if at_s.count(x) > 1})
+            if twice:
+                raise WorkflowError(
+                    f"config sweep.extra_seeds[{i}].seeds: seed {twice[0]} runs twice at S = {e['sparsity']}, "
+                    f"precision {p} (sweep.seeds is {sweep['seeds']}); list only seeds beyond sweep.seeds, once each"
+                )
 
 
 def check_data_files(config):

@@ -25,11 +25,14 @@ def run_path(mode, name=""):
     return f"{R}/runs/{RUN_ID_PATTERN}{run_id_suffix(mode)}/{name}".rstrip("/")
 
 
-def seeds_at(s):
-    """The seeds of the sweep at sparsity s: sweep.seeds, then sweep.extra_seeds of that sparsity."""
+def seeds_at(s, p):
+    """The seeds of the sweep at sparsity s and precision p: sweep.seeds, then the sweep.extra_seeds of that
+    sparsity whose `precision` (default: every precision) names p."""
     sw = config["sweep"]
     extra = [
-        e["seeds"] for e in sw.get("extra_seeds") or [] if abs(e["sparsity"] - s) < 1e-9
+        e["seeds"]
+        for e in sw.get("extra_seeds") or []
+        if abs(e["sparsity"] - s) < 1e-9 and p in (e.get("precision") or sw["precision"])
     ]
     return list(sw["seeds"]) + [seed for seeds in extra for seed in seeds]
 
@@ -41,7 +44,7 @@ def scratch_runs():
         for n in sw["sizes"]
         for s in sw["sparsity"]
         for p in sw["precision"]
-        for seed in seeds_at(s)
+        for seed in seeds_at(s, p)
     ]
 
 
