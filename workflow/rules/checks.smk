@@ -48,7 +48,8 @@ def check_config(config, schema):
 
 def check_extra_seeds(sweep):
     """sweep.extra_seeds: each names a sparsity of the grid, precisions of the sweep (optional), and seeds that
-    sweep.seeds and the other entries do not run already at that sparsity and precision."""
+    sweep.seeds and the other entries do not run already at that sparsity and precision.
+    """
     grid = sweep["sparsity"]
     for i, e in enumerate(sweep.get("extra_seeds") or []):
         if not any(abs(e["sparsity"] - s) < 1e-9 for s in grid):
@@ -66,7 +67,8 @@ def check_extra_seeds(sweep):
             at_s = list(sweep["seeds"]) + [
                 x
                 for f in sweep["extra_seeds"]
-                if abs(f["sparsity"] - e["sparsity"]) < 1e-9 and p in (f.get("precision") or sweep["precision"])
+                if abs(f["sparsity"] - e["sparsity"]) < 1e-9
+                and p in (f.get("precision") or sweep["precision"])
                 for x in f["seeds"]
             ]
             twice = sorted({x for x in at_s if at_s.count(x) > 1})

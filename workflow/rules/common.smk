@@ -32,7 +32,8 @@ def seeds_at(s, p):
     extra = [
         e["seeds"]
         for e in sw.get("extra_seeds") or []
-        if abs(e["sparsity"] - s) < 1e-9 and p in (e.get("precision") or sw["precision"])
+        if abs(e["sparsity"] - s) < 1e-9
+        and p in (e.get("precision") or sw["precision"])
     ]
     return list(sw["seeds"]) + [seed for seeds in extra for seed in seeds]
 
