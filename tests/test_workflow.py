@@ -198,6 +198,18 @@ def test_extra_seeds_add_runs_at_one_sparsity_only(tmp_path):
     assert not (wd / "results").exists()
 
 
+def test_sweep_seeds_per_sparsity_and_precision():
+    """sparsescale.config.sweep_seeds, the one definition the rules and the config check share."""
+    from sparsescale.config import sweep_seeds
+
+    sweep = {"seeds": [0, 1], "precision": ["fp", "1.58"],
+             "extra_seeds": [{"sparsity": 0.9, "seeds": [2, 3]}, {"sparsity": 0.5, "seeds": [2], "precision": ["1.58"]}]}
+    assert sweep_seeds(sweep, 0.0, "fp") == [0, 1]
+    assert sweep_seeds(sweep, 0.9, "fp") == sweep_seeds(sweep, 0.9, "1.58") == [0, 1, 2, 3]
+    assert (sweep_seeds(sweep, 0.5, "fp"), sweep_seeds(sweep, 0.5, "1.58")) == ([0, 1], [0, 1, 2])
+    assert sweep_seeds({**sweep, "extra_seeds": [{"sparsity": 0.5, "seeds": [1]}]}, 0.5, "fp") == [0, 1, 1]
+
+
 def train_commands(*configfiles, cwd=ROOT) -> dict[str, list[str]]:
     """The `sparsescale train` command lines of a forced dry run, by rule name."""
     p = snakemake("-n", "-p", "--forceall", "--configfile", *configfiles, cwd=cwd)

@@ -153,6 +153,19 @@ def run_id(size: str, sparsity: float | str, precision: str, seed: int | str, mo
         + run_id_suffix(mode, block)
 
 
+def sweep_seeds(sweep: dict, sparsity: float, precision: str) -> list[int]:
+    """The seeds a sweep (config `sweep`) runs at one sparsity and precision: sweep.seeds, then those of every
+    sweep.extra_seeds entry at that sparsity whose `precision` (default: every precision of the sweep) names it.
+    A seed listed twice is returned twice: the workflow's config check refuses such a config."""
+    extra = [
+        seed
+        for e in sweep.get("extra_seeds") or []
+        if abs(e["sparsity"] - sparsity) < 1e-9 and precision in (e.get("precision") or sweep["precision"])
+        for seed in e["seeds"]
+    ]
+    return list(sweep["seeds"]) + extra
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines one run; `config.json` of the run is this, verbatim."""

@@ -6,6 +6,8 @@ import glob
 
 from snakemake.exceptions import WorkflowError
 
+from sparsescale.config import sweep_seeds
+
 
 def _where(path):
     out = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
@@ -64,13 +66,7 @@ def check_extra_seeds(sweep):
                 f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
             )
         for p in e.get("precision") or sweep["precision"]:
-            at_s = list(sweep["seeds"]) + [
-                x
-                for f in sweep["extra_seeds"]
-                if abs(f["sparsity"] - e["sparsity"]) < 1e-9
-                and p in (f.get("precision") or sweep["precision"])
-                for x in f["seeds"]
-            ]
+            at_s = sweep_seeds(sweep, e["sparsity"], p)
             twice = sorted({x for x in at_s if at_s.count(x) > 1})
             if twice:
                 raise WorkflowError(

@@ -3,7 +3,7 @@
 import json
 import os
 
-from sparsescale.config import MODES, RUN_ID_PATTERN, run_id, run_id_suffix
+from sparsescale.config import MODES, RUN_ID_PATTERN, run_id, run_id_suffix, sweep_seeds
 
 ENV = "../envs/sparsescale.yaml"  # conda environment of every rule (--use-conda), relative to workflow/rules
 
@@ -25,19 +25,6 @@ def run_path(mode, name=""):
     return f"{R}/runs/{RUN_ID_PATTERN}{run_id_suffix(mode)}/{name}".rstrip("/")
 
 
-def seeds_at(s, p):
-    """The seeds of the sweep at sparsity s and precision p: sweep.seeds, then the sweep.extra_seeds of that
-    sparsity whose `precision` (default: every precision) names p."""
-    sw = config["sweep"]
-    extra = [
-        e["seeds"]
-        for e in sw.get("extra_seeds") or []
-        if abs(e["sparsity"] - s) < 1e-9
-        and p in (e.get("precision") or sw["precision"])
-    ]
-    return list(sw["seeds"]) + [seed for seeds in extra for seed in seeds]
-
-
 def scratch_runs():
     sw = config["sweep"]
     return [
@@ -45,7 +32,7 @@ def scratch_runs():
         for n in sw["sizes"]
         for s in sw["sparsity"]
         for p in sw["precision"]
-        for seed in seeds_at(s, p)
+        for seed in sweep_seeds(sw, s, p)
     ]
 
 
