@@ -125,33 +125,58 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case, match):
     assert not (tmp_path / "ref").exists() and not list(tmp_path.glob(".ref.*"))
 
 
-needs_reference = pytest.mark.skipif(not (REFERENCE / "tables" / "runs.csv").is_file(),
-                                     reason="results/reference/ not committed yet")
+# the committed references: the D = 1M one (config/cpu.yaml) and the D = 4M one the README quotes (config/cpu4m.yaml)
+REFERENCES = [REFERENCE, REFERENCE / "cpu4m"]
+committed = pytest.mark.parametrize("ref", [
+    pytest.param(r, id=r.relative_to(REPO).as_posix(), marks=pytest.mark.skipif(
+        not (r / "tables" / "runs.csv").is_file(), reason=f"{r} not committed yet")) for r in REFERENCES])
 
 
-@needs_reference
-def test_reference_tables_regenerate_byte_for_byte(tmp_path):
+@committed
+def test_reference_tables_regenerate_byte_for_byte(tmp_path, ref):
     from sparsescale.results import load_results
     from sparsescale.tables import make_tables, write_table
 
-    results = load_results(REFERENCE / "tables/runs.csv", REFERENCE / "fit")
+    results = load_results(ref / "tables/runs.csv", ref / "fit")
     for table in make_tables(results):
         for path in write_table(table, tmp_path):
-            assert path.read_bytes() == (REFERENCE / "tables" / path.name).read_bytes(), path.name
+            assert path.read_bytes() == (ref / "tables" / path.name).read_bytes(), path.name
 
 
-@needs_reference
-def test_reference_tune_table_and_headline_agree_with_their_sources(tmp_path):
+@committed
+def test_reference_tune_table_and_headline_agree_with_their_sources(tmp_path, ref):
     from sparsescale.tune import read_tune_runs, select
 
-    chosen = select(read_tune_runs(sorted(str(p.parent) for p in (REFERENCE / "tune/runs").glob("*/final.json"))))
-    committed = json.loads((REFERENCE / "tune/lr.json").read_text())
+    chosen = select(read_tune_runs(sorted(str(p.parent) for p in (ref / "tune/runs").glob("*/final.json"))))
+    committed = json.loads((ref / "tune/lr.json").read_text())
     assert chosen["chosen"] == committed["chosen"]
     # every trained run used the rate the tune stage chose for its size x precision
-    for final in (REFERENCE / "runs").glob("*/final.json"):
+    finals = list((ref / "runs").glob("*/final.json"))
+    assert finals
+    for final in finals:
         f = json.loads(final.read_text())
         assert f["lr"] == pytest.approx(committed["chosen"][f["size"]][str(f["precision"])]), final.parent.name
-    optimal = json.loads((REFERENCE / "fit/optimal_sparsity.json").read_text())
+    optimal = json.loads((ref / "fit/optimal_sparsity.json").read_text())
     for prec in ("fp", "1.58"):
-        fit = json.loads((REFERENCE / f"fit/fit_{prec}.json").read_text())
+        fit = json.loads((ref / f"fit/fit_{prec}.json").read_text())
         assert optimal["precisions"][prec]["s_star"] == pytest.approx(fit["s_star"])
+
+
+def _quoted(x: float) -> str:
+    """A number as the README prints it: 3 decimals, a typographic minus."""
+    return f"{x:.3f}".replace("-", "\u2212")
+
+
+@pytest.mark.skipif(not (REFERENCE / "cpu4m/fit/optimal_sparsity.json").is_file(), reason="cpu4m not committed yet")
+def test_readme_headline_quotes_the_committed_d4m_result():
+    """The README's opening paragraph quotes S* of both precisions and their difference, with intervals, from
+    results/reference/cpu4m/fit/optimal_sparsity.json: a re-export that moves them fails here until the text follows."""
+    head = (REPO / "README.md").read_text().split("## Quick start")[0]
+    optimal = json.loads((REFERENCE / "cpu4m/fit/optimal_sparsity.json").read_text())
+    for prec, name in (("fp", "full precision"), ("1.58", "1.58-bit")):
+        p = optimal["precisions"][prec]
+        lo, hi = p["s_star_ci"]
+        assert f"S\\* = {_quoted(p['s_star'])} [{_quoted(lo)}, {_quoted(hi)}] in {name}" in head, prec
+    d = optimal["difference_1.58_minus_fp"]
+    lo, hi = d["difference_ci"]
+    assert f"({_quoted(d['difference'])} [{_quoted(lo)}, {_quoted(hi)}])" in head
