@@ -127,12 +127,12 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case, match):
 
 # the committed references: the D = 1M one (config/cpu.yaml) and the D = 4M one the README quotes (config/cpu4m.yaml)
 REFERENCES = [REFERENCE, REFERENCE / "cpu4m"]
-committed = pytest.mark.parametrize("ref", [
+each_reference = pytest.mark.parametrize("ref", [
     pytest.param(r, id=r.relative_to(REPO).as_posix(), marks=pytest.mark.skipif(
         not (r / "tables" / "runs.csv").is_file(), reason=f"{r} not committed yet")) for r in REFERENCES])
 
 
-@committed
+@each_reference
 def test_reference_tables_regenerate_byte_for_byte(tmp_path, ref):
     from sparsescale.results import load_results
     from sparsescale.tables import make_tables, write_table
@@ -143,7 +143,7 @@ def test_reference_tables_regenerate_byte_for_byte(tmp_path, ref):
             assert path.read_bytes() == (ref / "tables" / path.name).read_bytes(), path.name
 
 
-@committed
+@each_reference
 def test_reference_tune_table_and_headline_agree_with_their_sources(tmp_path, ref):
     from sparsescale.tune import read_tune_runs, select
 
