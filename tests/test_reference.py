@@ -1,6 +1,7 @@
 """The committed reference result: export keeps result files only, and the tables regenerate from it alone."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,78 @@ def test_readme_headline_quotes_the_committed_d4m_result():
     d = optimal["difference_1.58_minus_fp"]
     lo, hi = d["difference_ci"]
     assert f"({_quoted(d['difference'])} [{_quoted(lo)}, {_quoted(hi)}])" in head
+
+
+# probes: runs outside the D = 4M sweep, each a sweep cell with one setting changed (its folder name says which)
+PROBES = REFERENCE / "cpu4m" / "probes"
+PROBE_ID = re.compile(r"^(?P<cell>.+)-(?:D(?P<d>\d+)m|lr(?P<lr>[0-9.]+))$")
+PROBE_IDS = sorted(p.parent.name for p in PROBES.glob("*/final.json"))
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("probe", PROBE_IDS)
+def test_each_probe_is_its_sweep_cell_with_one_setting_changed(probe):
+    m = PROBE_ID.match(probe)
+    assert m, f"probe folder {probe}: name it CELL-D<millions>m or CELL-lr<rate>"
+    cfg, final = _json(PROBES / probe / "config.json"), _json(PROBES / probe / "final.json")
+    base = _json(REFERENCE / "cpu4m" / "runs" / m["cell"] / "config.json")
+    changed = {k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k)} - {"versions", "out", "eval_every"}
+    if m["d"]:
+        assert changed == {"tokens"} and cfg["tokens"] == int(m["d"]) * 1_000_000
+    else:
+        assert changed == {"lr"} and cfg["lr"] == float(m["lr"])
+    step_tokens = cfg["batch_size"] * cfg["seq_len"]
+    assert cfg["tokens"] - step_tokens < final["tokens"] <= cfg["tokens"]  # the run finished its budget
+    assert (final["run_id"], final["lr"]) == (m["cell"], cfg["lr"])
+    assert 2.0 < final["val_loss"] < 6.0
+
+
+def _loss(run_dir: Path) -> str:
+    return f"{_json(run_dir / 'final.json')['val_loss']:.3f}"
+
+
+def test_probes_index_quotes_every_budget_probe_from_its_files():
+    """Every row of the index's token-budget tables: the sweep's losses (D = 4M) and the probes' (D = xM),
+    seed by seed, as final.json rounds them."""
+    checked, precision, columns = 0, None, []
+    for line in (PROBES / "README.md").read_text().splitlines():
+        if line.startswith("## "):
+            precision = "fp" if "full precision" in line else "1.58" if "1.58-bit" in line else None
+            columns = []
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if not cells or precision is None or set(cells[0]) <= set("-"):
+            continue
+        if cells[0] == "cell":
+            columns = [re.fullmatch(r"D = (\d+)M", c)[1] for c in cells[2:]]
+            continue
+        row = re.fullmatch(r"(d\d) S = ([0-9.]+)", cells[0])
+        if not (columns and row):
+            continue
+        seeds = [int(s) for s in cells[1].split(",")]
+        for d, quoted in zip(columns, cells[2:]):
+            cell = f"{row[1]}-s{float(row[2]):.2f}-b{precision}-seed{{}}"
+            where = [REFERENCE / "cpu4m" / "runs" / cell.format(s) if d == "4" else PROBES / (cell.format(s) + f"-D{d}m")
+                     for s in seeds]
+            assert [q.strip() for q in quoted.split(",")] == [_loss(w) for w in where], (cells[0], d)
+            checked += len(seeds)
+    assert checked >= 28  # the 8M tables: 14 probes and their 14 sweep runs
+
+
+def test_probes_index_quotes_every_rate_probe_from_its_files():
+    text = (PROBES / "README.md").read_text()
+    table = text.split("## Learning rate, d5 full precision, S = 0.9, D = 4M")[1].split("##")[0]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table.splitlines() if ln.startswith("|")]
+    rates = [re.match(r"[0-9.e-]+", c)[0] for c in rows[0][1:]]
+    checked = 0
+    for cells in rows[2:]:
+        for rate, quoted in zip(rates, cells[1:]):
+            if not quoted or quoted.startswith("("):  # a run whose files were not kept says so in brackets
+                continue
+            run = f"d5-s0.90-bfp-seed{cells[0]}"
+            where = REFERENCE / "cpu4m" / "runs" / run if float(rate) == 2e-3 else PROBES / f"{run}-lr{float(rate):g}"
+            assert quoted == _loss(where), (run, rate)
+            checked += 1
+    assert checked == 10  # 6 rate probes and the 4 sweep runs beside them
