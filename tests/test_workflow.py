@@ -2,6 +2,8 @@
 the paper config's DAG, schema errors, a targeted rerun, the rules' run ids (= TrainConfig.run_id for every config)
 and the torchrun launcher of every train rule (continue / finetune included)."""
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -329,6 +331,29 @@ def test_rule_run_ids_are_train_config_run_ids(configfile):
             name, cfg = run_config(line)
             assert name == cfg.run_id and name not in banked, line
             assert cfg.mode == ("scratch" if rule == "train" else rule.removeprefix("train_"))
+
+
+BANKED_CONFIGS = sorted(p.name for p in (ROOT / "config").glob("*.yaml") if yaml.safe_load(p.read_text()).get("bank"))
+
+
+@pytest.mark.parametrize("configfile", BANKED_CONFIGS)
+def test_banked_runs_were_trained_as_their_rule_would_train_them(tmp_path, configfile):
+    """A banked run is never trained again, so its config.json must be what the train rule would run today:
+    every field but the output and data folders (a bank may be seeded with runs made elsewhere, e.g. probes,
+    on the same data) and, for a tuned sweep, the rate (the tune stage's, checked in test_reference.py)."""
+    conf = yaml.safe_load((ROOT / "config" / configfile).read_text())
+    tuned = conf.get("tune", {}).get("enabled", False)
+    (tmp_path / "nobank.yaml").write_text("bank: null\n")
+    commands = {name: cfg for line in train_commands(f"config/{configfile}", str(tmp_path / "nobank.yaml"))["train"]
+                for name, cfg in [run_config(line)]}
+    banked = sorted(p.parent for p in (ROOT / conf["bank"] / "runs").glob("*/final.json"))
+    assert banked, f"{conf['bank']} holds no finished run"
+    ignore = {"out", "data", "versions"} | ({"lr"} if tuned else set())
+    for run in banked:
+        got = json.loads((run / "config.json").read_text())
+        want = {"run_id": commands[run.name].run_id, **dataclasses.asdict(commands[run.name])}
+        assert {k: v for k, v in got.items() if k not in ignore} == {k: v for k, v in want.items() if k not in ignore}, run
+        assert json.loads((run / "final.json").read_text())["run_id"] == run.name
 
 
 def test_continue_and_finetune_jobs_launch_on_every_gpu(tmp_path):
