@@ -238,7 +238,7 @@ def test_probes_index_quotes_every_budget_probe_from_its_files():
                      for s in seeds]
             assert [q.strip() for q in quoted.split(",")] == [_loss(w) for w in where], (cells[0], d)
             checked += len(seeds)
-    assert checked >= 28  # the 8M tables: 14 probes and their 14 sweep runs
+    assert checked >= 46  # the 8M tables (14 probes, 14 sweep runs) and the 16M one (6 probes, 6 + 6 beside them)
 
 
 def test_probes_index_quotes_every_rate_probe_from_its_files():
