@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sparsescale.errors import UserError
+from sparsescale.io import read_json
 from sparsescale.reference import bank, export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,16 +190,17 @@ PROBE_ID = re.compile(r"^(?P<cell>.+)-(?:D(?P<d>\d+)m|lr(?P<lr>[0-9.]+))$")
 PROBE_IDS = sorted(p.parent.name for p in PROBES.glob("*/final.json"))
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _cells(line: str) -> list[str]:
+    """The cells of one Markdown table row, stripped."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 @pytest.mark.parametrize("probe", PROBE_IDS)
 def test_each_probe_is_its_sweep_cell_with_one_setting_changed(probe):
     m = PROBE_ID.match(probe)
     assert m, f"probe folder {probe}: name it CELL-D<millions>m or CELL-lr<rate>"
-    cfg, final = _json(PROBES / probe / "config.json"), _json(PROBES / probe / "final.json")
-    base = _json(REFERENCE / "cpu4m" / "runs" / m["cell"] / "config.json")
+    cfg, final = read_json(PROBES / probe / "config.json"), read_json(PROBES / probe / "final.json")
+    base = read_json(REFERENCE / "cpu4m" / "runs" / m["cell"] / "config.json")
     changed = {k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k)} - {"versions", "out", "eval_every"}
     if m["d"]:
         assert changed == {"tokens"} and cfg["tokens"] == int(m["d"]) * 1_000_000
@@ -211,7 +213,7 @@ def test_each_probe_is_its_sweep_cell_with_one_setting_changed(probe):
 
 
 def _loss(run_dir: Path) -> str:
-    return f"{_json(run_dir / 'final.json')['val_loss']:.3f}"
+    return f"{read_json(run_dir / 'final.json')['val_loss']:.3f}"
 
 
 def test_probes_index_quotes_every_budget_probe_from_its_files():
@@ -222,7 +224,7 @@ def test_probes_index_quotes_every_budget_probe_from_its_files():
         if line.startswith("## "):
             precision = "fp" if "full precision" in line else "1.58" if "1.58-bit" in line else None
             columns = []
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        cells = _cells(line) if line.startswith("|") else []
         if not cells or precision is None or set(cells[0]) <= set("-"):
             continue
         if cells[0] == "cell":
@@ -244,7 +246,7 @@ def test_probes_index_quotes_every_budget_probe_from_its_files():
 def test_probes_index_quotes_every_rate_probe_from_its_files():
     text = (PROBES / "README.md").read_text()
     table = text.split("## Learning rate, d5 full precision, S = 0.9, D = 4M")[1].split("##")[0]
-    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table.splitlines() if ln.startswith("|")]
+    rows = [_cells(ln) for ln in table.splitlines() if ln.startswith("|")]
     rates = [re.match(r"[0-9.e-]+", c)[0] for c in rows[0][1:]]
     checked = 0
     for cells in rows[2:]:
