@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "optimal-sparsity": ("sparsescale.fit", "cli_optimal_sparsity", "S* and N/N_a for given law constants"),
     "figures": ("sparsescale.plots", "cli_figures", "draw the figures from runs.csv and the fit JSONs"),
     "tables": ("sparsescale.tables", "cli_tables", "write Markdown/LaTeX/CSV tables from runs.csv and the fit JSONs"),
+    "probe": ("sparsescale.probe", "cli_probe", "train a banked sweep cell again with one setting changed, and bank it"),
     "reference": ("sparsescale.reference", "cli_reference", "export a sweep's result files (no checkpoints) as results/reference"),
     "superweight": ("sparsescale.superweight.cli", "cli_superweight", "detect / ablate / scale super weights; quantize"),
     "bench": ("sparsescale.bench", "cli_bench", "benchmarks that print ratios measured side by side"),
