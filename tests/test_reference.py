@@ -187,7 +187,7 @@ def test_readme_headline_quotes_the_committed_d4m_result():
 
 # probes: runs outside the D = 4M sweep, each a sweep cell with one setting changed (its folder name says which)
 PROBES = REFERENCE / "cpu4m" / "probes"
-PROBE_IDS = sorted(p.parent.name for p in PROBES.glob("*/final.json"))
+PROBE_DIRS = sorted(p.parent.relative_to(REFERENCE) for p in REFERENCE.glob("*/probes/*/final.json"))
 
 
 def _cells(line: str) -> list[str]:
@@ -195,12 +195,17 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-@pytest.mark.parametrize("probe", PROBE_IDS)
+def test_the_probe_banks_are_found():
+    assert len(PROBE_DIRS) >= 26 and {p.parts[0] for p in PROBE_DIRS} >= {"cpu4m"}
+
+
+@pytest.mark.parametrize("probe", PROBE_DIRS, ids=str)
 def test_each_probe_is_its_sweep_cell_with_one_setting_changed(probe):
-    m = PROBE_ID.match(probe)
+    """Every banked probe of every reference sweep ({sweep}/probes/{id}) against its cell ({sweep}/runs/{cell})."""
+    m = PROBE_ID.match(probe.name)
     assert m, f"probe folder {probe}: name it CELL-D<millions>m or CELL-lr<rate>"
-    cfg, final = read_json(PROBES / probe / "config.json"), read_json(PROBES / probe / "final.json")
-    base = read_json(REFERENCE / "cpu4m" / "runs" / m["cell"] / "config.json")
+    cfg, final = read_json(REFERENCE / probe / "config.json"), read_json(REFERENCE / probe / "final.json")
+    base = read_json(REFERENCE / probe.parent.parent / "runs" / m["cell"] / "config.json")
     changed = {k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k)} - {"versions"} - MAY_DIFFER
     if m["d"]:
         assert changed == {"tokens"} and cfg["tokens"] == int(m["d"]) * 1_000_000
