@@ -221,9 +221,28 @@ def _loss(run_dir: Path) -> str:
     return f"{read_json(run_dir / 'final.json')['val_loss']:.3f}"
 
 
-def test_probes_index_quotes_every_budget_probe_from_its_files():
-    """Every row of the index's token-budget tables: the sweep's losses (D = 4M) and the probes' (D = xM),
-    seed by seed, as final.json rounds them."""
+def _column_run(column: str, cell: str) -> Path:
+    """The run a column of an index table quotes for one sweep cell: `D = 8M` its budget probe, or the cell of
+    the reference sweep trained at that budget (`D = 4M`: cpu4m; `D = 16M`: cpu16m); `×1 (sweep)` the sweep
+    run, `×0.5` its rate probe at half the cell's rate."""
+    if m := re.fullmatch(r"D = (\d+)M", column):
+        if (probe := PROBES / f"{cell}-D{m[1]}m").is_dir():
+            return probe
+        sweeps = [d for d in REFERENCE.glob(f"*/runs/{cell}")
+                  if round(read_json(d / "config.json")["tokens"] / 1e6) == int(m[1])]
+        assert len(sweeps) == 1, f"{cell} at D = {m[1]}M: no probe, and {len(sweeps)} sweep runs"
+        return sweeps[0]
+    m = re.fullmatch(r"×([0-9.]+)( \(sweep\))?", column)
+    assert m, f"index column {column!r}: name it D = <n>M or ×<factor>"
+    if float(m[1]) == 1:
+        return REFERENCE / "cpu4m" / "runs" / cell
+    rate = float(m[1]) * read_json(REFERENCE / "cpu4m" / "runs" / cell / "config.json")["lr"]
+    return PROBES / f"{cell}-lr{rate:g}"
+
+
+def test_probes_index_quotes_every_budget_and_cell_rate_probe_from_its_files():
+    """Every row of the index's cell tables (`| cell | seeds | D = 4M | D = 8M |`, `| cell | seeds | ×1 (sweep) |
+    ×0.5 |`): the sweep's losses and the probes', seed by seed, as final.json rounds them."""
     checked, precision, columns = 0, None, []
     for line in (PROBES / "README.md").read_text().splitlines():
         if line.startswith("## "):
@@ -233,19 +252,19 @@ def test_probes_index_quotes_every_budget_probe_from_its_files():
         if not cells or precision is None or set(cells[0]) <= set("-"):
             continue
         if cells[0] == "cell":
-            columns = [re.fullmatch(r"D = (\d+)M", c)[1] for c in cells[2:]]
+            columns = cells[2:]
             continue
         row = re.fullmatch(r"(d\d) S = ([0-9.]+)", cells[0])
         if not (columns and row):
             continue
         seeds = [int(s) for s in cells[1].split(",")]
-        for d, quoted in zip(columns, cells[2:]):
+        for column, quoted in zip(columns, cells[2:]):
             cell = f"{row[1]}-s{float(row[2]):.2f}-b{precision}-seed{{}}"
-            where = [REFERENCE / "cpu4m" / "runs" / cell.format(s) if d == "4" else PROBES / (cell.format(s) + f"-D{d}m")
-                     for s in seeds]
-            assert [q.strip() for q in quoted.split(",")] == [_loss(w) for w in where], (cells[0], d)
+            where = [_column_run(column, cell.format(s)) for s in seeds]
+            assert [q.strip() for q in quoted.split(",")] == [_loss(w) for w in where], (cells[0], column)
             checked += len(seeds)
-    assert checked >= 46  # the 8M tables (14 probes, 14 sweep runs) and the 16M one (6 probes, 6 + 6 beside them)
+    assert checked >= 52  # the 8M tables (14 probes, 14 sweep runs), the 16M S = 0.9 one (6 probes, 6 + 6 beside
+    # them) and its dense one (2 runs of the D = 16M sweep, 2 + 2 beside them)
 
 
 def test_probes_index_quotes_every_rate_probe_from_its_files():
