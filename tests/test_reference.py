@@ -221,12 +221,13 @@ def _loss(run_dir: Path) -> str:
     return f"{read_json(run_dir / 'final.json')['val_loss']:.3f}"
 
 
-def _column_run(column: str, cell: str) -> Path:
-    """The run a column of an index table quotes for one sweep cell: `D = 8M` its budget probe, or the cell of
-    the reference sweep trained at that budget (`D = 4M`: cpu4m; `D = 16M`: cpu16m); `×1 (sweep)` the sweep
-    run, `×0.5` its rate probe at half the cell's rate."""
+def _column_run(sweep: str, column: str, cell: str) -> Path:
+    """The run a column of a sweep's probes index (`{sweep}/probes/README.md`) quotes for one cell: `D = 8M` its
+    budget probe, or the cell of the reference sweep trained at that budget (`D = 4M`: cpu4m; `D = 16M`:
+    cpu16m); `×1 (sweep)` the sweep's run, `×0.5` its rate probe at half the cell's rate."""
+    probes, runs = REFERENCE / sweep / "probes", REFERENCE / sweep / "runs"
     if m := re.fullmatch(r"D = (\d+)M", column):
-        if (probe := PROBES / f"{cell}-D{m[1]}m").is_dir():
+        if (probe := probes / f"{cell}-D{m[1]}m").is_dir():
             return probe
         sweeps = [d for d in REFERENCE.glob(f"*/runs/{cell}")
                   if round(read_json(d / "config.json")["tokens"] / 1e6) == int(m[1])]
@@ -235,16 +236,25 @@ def _column_run(column: str, cell: str) -> Path:
     m = re.fullmatch(r"×([0-9.]+)( \(sweep\))?", column)
     assert m, f"index column {column!r}: name it D = <n>M or ×<factor>"
     if float(m[1]) == 1:
-        return REFERENCE / "cpu4m" / "runs" / cell
-    rate = float(m[1]) * read_json(REFERENCE / "cpu4m" / "runs" / cell / "config.json")["lr"]
-    return PROBES / f"{cell}-lr{rate:g}"
+        return runs / cell
+    return probes / f"{cell}-lr{float(m[1]) * read_json(runs / cell / 'config.json')['lr']:g}"
 
 
-def test_probes_index_quotes_every_budget_and_cell_rate_probe_from_its_files():
-    """Every row of the index's cell tables (`| cell | seeds | D = 4M | D = 8M |`, `| cell | seeds | ×1 (sweep) |
-    ×0.5 |`): the sweep's losses and the probes', seed by seed, as final.json rounds them."""
+# cell rows the probes indexes quote at least (each probe and each sweep run beside it is one)
+INDEX_CHECKS = {
+    # the 8M tables (14 probes, 14 sweep runs), the 16M S = 0.9 one (6 probes, 6 + 6 beside them) and its dense
+    # one (2 runs of the D = 16M sweep, 2 + 2 beside them), the 1.58-bit half-rate one (5 probes, 5 sweep runs)
+    "cpu4m": 62,
+    "cpu16m": 2,  # the d5 dense half-rate probe and the sweep run beside it
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(INDEX_CHECKS))
+def test_probes_index_quotes_every_budget_and_cell_rate_probe_from_its_files(sweep):
+    """Every row of a probes index's cell tables (`| cell | seeds | D = 4M | D = 8M |`, `| cell | seeds |
+    ×1 (sweep) | ×0.5 |`): the sweep's losses and the probes', seed by seed, as final.json rounds them."""
     checked, precision, columns = 0, None, []
-    for line in (PROBES / "README.md").read_text().splitlines():
+    for line in (REFERENCE / sweep / "probes" / "README.md").read_text().splitlines():
         if line.startswith("## "):
             precision = "fp" if "full precision" in line else "1.58" if "1.58-bit" in line else None
             columns = []
@@ -260,11 +270,10 @@ def test_probes_index_quotes_every_budget_and_cell_rate_probe_from_its_files():
         seeds = [int(s) for s in cells[1].split(",")]
         for column, quoted in zip(columns, cells[2:]):
             cell = f"{row[1]}-s{float(row[2]):.2f}-b{precision}-seed{{}}"
-            where = [_column_run(column, cell.format(s)) for s in seeds]
+            where = [_column_run(sweep, column, cell.format(s)) for s in seeds]
             assert [q.strip() for q in quoted.split(",")] == [_loss(w) for w in where], (cells[0], column)
             checked += len(seeds)
-    assert checked >= 52  # the 8M tables (14 probes, 14 sweep runs), the 16M S = 0.9 one (6 probes, 6 + 6 beside
-    # them) and its dense one (2 runs of the D = 16M sweep, 2 + 2 beside them)
+    assert checked >= INDEX_CHECKS[sweep]
 
 
 def test_probes_index_quotes_every_rate_probe_from_its_files():
