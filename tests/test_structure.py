@@ -312,3 +312,20 @@ def test_deferral_check_catches_an_import_without_a_comment(planted):
     text = (planted / PKG / "a.py").read_text()
     (planted / PKG / "a.py").write_text(text.replace("    # deferred: heavy\n", "    x = 1\n"))
     assert undocumented_deferrals(planted) == ["sparsescale/a.py:7: import json", "sparsescale/a.py:8: import os"]
+
+
+def test_every_markdown_table_row_has_as_many_cells_as_its_header():
+    """A row with a `|` too few merges two columns (GitHub renders it without a word of warning)."""
+    docs = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("results/reference/**/*.md")]
+    bad = []
+    for path in docs:
+        header = None
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.startswith("|"):
+                header = None
+                continue
+            cells = len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+            header = header or cells
+            if cells != header:
+                bad.append(f"{path.relative_to(ROOT)}:{number}: {cells} cells, its header {header}")
+    assert len(docs) > 15 and not bad, "\n".join(bad)
