@@ -8,7 +8,7 @@ import pytest
 
 from sparsescale.errors import UserError
 from sparsescale.io import read_json
-from sparsescale.probe import MAY_DIFFER, PROBE_ID
+from sparsescale.probe import MAY_DIFFER, parse_probe_id
 from sparsescale.reference import bank, export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,18 +202,14 @@ def test_the_probe_banks_are_found():
 @pytest.mark.parametrize("probe", PROBE_DIRS, ids=str)
 def test_each_probe_is_its_sweep_cell_with_one_setting_changed(probe):
     """Every banked probe of every reference sweep ({sweep}/probes/{id}) against its cell ({sweep}/runs/{cell})."""
-    m = PROBE_ID.match(probe.name)
-    assert m, f"probe folder {probe}: name it CELL-D<millions>m or CELL-lr<rate>"
+    cell, field, value = parse_probe_id(probe.name)  # CELL-D<millions>m or CELL-lr<rate>, else UserError
     cfg, final = read_json(REFERENCE / probe / "config.json"), read_json(REFERENCE / probe / "final.json")
-    base = read_json(REFERENCE / probe.parent.parent / "runs" / m["cell"] / "config.json")
+    base = read_json(REFERENCE / probe.parent.parent / "runs" / cell / "config.json")
     changed = {k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k)} - {"versions"} - MAY_DIFFER
-    if m["d"]:
-        assert changed == {"tokens"} and cfg["tokens"] == int(m["d"]) * 1_000_000
-    else:
-        assert changed == {"lr"} and cfg["lr"] == float(m["lr"])
+    assert changed == {field} and cfg[field] == value
     step_tokens = cfg["batch_size"] * cfg["seq_len"]
     assert cfg["tokens"] - step_tokens < final["tokens"] <= cfg["tokens"]  # the run finished its budget
-    assert (final["run_id"], final["lr"]) == (m["cell"], cfg["lr"])
+    assert (final["run_id"], final["lr"]) == (cell, cfg["lr"])
     assert 2.0 < final["val_loss"] < 6.0
 
 

@@ -18,7 +18,6 @@ finished run. A probe that is banked already is not trained again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sparsescale.config import TrainConfig
 from sparsescale.errors import UserError
 from sparsescale.io import read_json
 from sparsescale.reference import bank
-from sparsescale.train import train
+from sparsescale.train import config_file_fields, train
 
 PROBE_ID = re.compile(r"^(?P<cell>.+)-(?:D(?P<d>\d+)m|lr(?P<lr>[0-9.]+(?:e-?\d+)?))$")
 """`{cell}-D{millions}m` or `{cell}-lr{rate}`: the sweep cell and the one setting changed."""
@@ -59,12 +58,9 @@ def parse_probe_id(name: str) -> tuple[str, str, float | int]:
 
 def cell_config(cell_dir: Path) -> dict:
     """The TrainConfig fields of a banked sweep run (its config.json without run_id and versions)."""
-    path = cell_dir / "config.json"
-    if not path.is_file():
+    if not (cell_dir / "config.json").is_file():
         raise UserError(f"{cell_dir}: no config.json; pass a banked sweep run (results/reference/cpu4m/runs/{{run_id}})")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = read_json(path)
-    return {k: v for k, v in cfg.items() if k in known}
+    return config_file_fields(cell_dir / "config.json")
 
 
 def probe_config(cell_dir: str | Path, work: str | Path, lr: float | None = None, tokens: int | None = None,

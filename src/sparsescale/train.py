@@ -498,18 +498,22 @@ def config_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def config_file_fields(path: str | Path) -> dict:
+    """The TrainConfig fields of a YAML or JSON config file, e.g. a run's own config.json (its `run_id` and
+    `versions` are dropped: they are written by a run, not read); unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    base = (yaml.safe_load(path.read_text()) or {}) if path.suffix in (".yaml", ".yml") else read_json(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(base) - known - {"run_id", "versions"})
+    if unknown:
+        raise UserError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    return {k: v for k, v in base.items() if k in known}
+
+
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    base: dict = {}
-    if a.config:
-        path = Path(a.config)
-        if not path.is_file():
-            raise UserError(f"--config {a.config}: no such file")
-        base = (yaml.safe_load(path.read_text()) or {}) if path.suffix in (".yaml", ".yml") else read_json(path)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(base) - known - {"run_id", "versions"})
-        if unknown:
-            raise UserError(f"{a.config}: unknown keys {unknown}; valid keys: {sorted(known)}")
-        base = {k: v for k, v in base.items() if k in known}
+    base = config_file_fields(a.config) if a.config else {}
     over = {k: v for k, v in vars(a).items() if k != "config" and v is not None}
     return TrainConfig(**{**base, **over})
 
