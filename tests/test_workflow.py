@@ -212,6 +212,56 @@ def test_sweep_seeds_per_sparsity_and_precision():
     assert sweep_seeds({**sweep, "extra_seeds": [{"sparsity": 0.5, "seeds": [1]}]}, 0.5, "fp") == [0, 1, 1]
 
 
+def test_lr_factor_scales_the_rate_of_one_sparsity_and_precision(tmp_path):
+    """train.lr_factor: [{sparsity: 0.8, precision: [1.58], factor: 0.5}] on the smoke grid (train.lr 3e-3) halves the
+    rate of exactly the three 1.58-bit S = 0.8 scratch runs; without `precision` both precisions; the continue and
+    finetune stages keep their own rates. A sparsity off the grid, a precision off the sweep, a second factor for
+    the same cell, or a factor together with a tune stage fails at start-up with one message naming it."""
+    wd = copy_workflow(tmp_path)
+
+    def rates(*extra):
+        for i, e in enumerate(extra):
+            (wd / f"x{i}.yaml").write_text(yaml.safe_dump(e))
+        cmds = train_commands("config/smoke.yaml", *[f"x{i}.yaml" for i in range(len(extra))], cwd=wd)
+        return {name: cfg.lr for lines in cmds.values() for name, cfg in map(run_config, lines)}
+
+    base = rates()
+    assert len(base) == 20 and set(base.values()) == {3e-3, 1e-3, 3e-4}
+    half = rates({"train": {"lr_factor": [{"sparsity": 0.8, "precision": ["1.58"], "factor": 0.5}]}})
+    changed = sorted(k for k in base if half[k] != base[k])
+    assert changed == [f"{n}-s0.80-b1.58-seed0" for n in ("d1", "d2", "d3")]
+    assert all(half[k] == 1.5e-3 for k in changed)
+    both = rates({"train": {"lr_factor": [{"sparsity": 0.5, "factor": 2.0}]}})
+    assert sorted(k for k in base if both[k] != base[k]) == sorted(
+        f"{n}-s0.50-b{p}-seed0" for n in ("d1", "d2", "d3") for p in ("fp", "1.58"))
+    assert {both[k] for k in base if both[k] != base[k]} == {6e-3}
+    bad = [
+        ([{"sparsity": 0.9, "factor": 0.5}], {}, "lr_factor[0].sparsity: 0.9 is not in sweep.sparsity"),
+        ([{"sparsity": 0.8, "precision": ["1.58"], "factor": 0.5}], {"sweep": {"precision": ["fp"]}},
+         "lr_factor[0].precision: 1.58 is not in sweep.precision"),
+        ([{"sparsity": 0.8, "precision": ["1.58"], "factor": 0.5}, {"sparsity": 0.8, "factor": 0.7}], {},
+         "lr_factor[1]: S = 0.8, precision 1.58 has a factor already"),
+        ([{"sparsity": 0.8, "factor": 0.5}], {"tune": {"enabled": True}}, "train.lr_factor is set but tune.enabled"),
+        ([{"sparsity": 0.8, "factor": 0}], {}, "lr_factor[0].factor"),
+    ]
+    for entries, other, named in bad:
+        (wd / "bad.yaml").write_text(yaml.safe_dump({**other, "train": {"lr_factor": entries}}))
+        p = snakemake("--configfile", "config/smoke.yaml", "bad.yaml", "-n", cwd=wd, check=False)
+        assert p.returncode != 0 and named in p.stdout + p.stderr, (named, (p.stdout + p.stderr)[-2000:])
+    assert not (wd / "results").exists()
+
+
+def test_lr_factor_of_a_sparsity_and_precision():
+    """sparsescale.config.lr_factor, the one definition the rules use."""
+    from sparsescale.config import lr_factor
+
+    train = {"lr_factor": [{"sparsity": 0.9, "precision": ["1.58"], "factor": 0.5}, {"sparsity": 0.3, "factor": 2}]}
+    assert lr_factor(train, 0.9, "1.58") == 0.5 and lr_factor(train, "0.90", "1.58") == 0.5
+    assert lr_factor(train, 0.9, "fp") == 1.0 and lr_factor(train, 0.8, "1.58") == 1.0
+    assert lr_factor(train, 0.3, "fp") == lr_factor(train, 0.3, "1.58") == 2.0
+    assert lr_factor({}, 0.9, "1.58") == lr_factor({"lr_factor": None}, 0.9, "1.58") == 1.0
+
+
 def train_commands(*configfiles, cwd=ROOT) -> dict[str, list[str]]:
     """The `sparsescale train` command lines of a forced dry run, by rule name."""
     p = snakemake("-n", "-p", "--forceall", "--configfile", *configfiles, cwd=cwd)

@@ -166,6 +166,16 @@ def sweep_seeds(sweep: dict, sparsity: float, precision: str) -> list[int]:
     return list(sweep["seeds"]) + extra
 
 
+def lr_factor(train: dict, sparsity: float, precision: str) -> float:
+    """The factor on train.lr of the runs at one sparsity and precision (config `train.lr_factor`): the `factor` of
+    the entry that names this sparsity and (by its optional `precision`, default every precision) this precision,
+    else 1. The workflow's config check refuses two entries for the same sparsity and precision."""
+    for e in train.get("lr_factor") or []:
+        if abs(e["sparsity"] - float(sparsity)) < 1e-9 and precision in (e.get("precision") or [precision]):
+            return float(e["factor"])
+    return 1.0
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines one run; `config.json` of the run is this, verbatim."""

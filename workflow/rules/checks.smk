@@ -46,6 +46,39 @@ def check_config(config, schema):
         raise WorkflowError(config_error_message(err)) from None
     check_data_files(config)
     check_extra_seeds(config["sweep"])
+    check_lr_factor(config)
+
+
+def check_lr_factor(config):
+    """train.lr_factor: each names a sparsity of the grid and precisions of the sweep (optional); no sparsity and
+    precision twice; not with a tune stage (which picks every rate itself)."""
+    sweep, entries = config["sweep"], config["train"].get("lr_factor") or []
+    if entries and config.get("tune", {}).get("enabled"):
+        raise WorkflowError(
+            "config train.lr_factor is set but tune.enabled is true: the tune stage picks each rate itself; "
+            "remove train.lr_factor or set tune.enabled: false"
+        )
+    seen = {}
+    for i, e in enumerate(entries):
+        if not any(abs(e["sparsity"] - s) < 1e-9 for s in sweep["sparsity"]):
+            raise WorkflowError(
+                f"config train.lr_factor[{i}].sparsity: {e['sparsity']} is not in sweep.sparsity "
+                f"{sweep['sparsity']}; name a sparsity of the grid"
+            )
+        off = [p for p in e.get("precision") or [] if p not in sweep["precision"]]
+        if off:
+            raise WorkflowError(
+                f"config train.lr_factor[{i}].precision: {off[0]} is not in sweep.precision "
+                f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
+            )
+        for p in e.get("precision") or sweep["precision"]:
+            key = (round(e["sparsity"], 9), p)
+            if key in seen:
+                raise WorkflowError(
+                    f"config train.lr_factor[{i}]: S = {e['sparsity']}, precision {p} has a factor already "
+                    f"(train.lr_factor[{seen[key]}]); give each sparsity and precision one factor"
+                )
+            seen[key] = i
 
 
 def check_extra_seeds(sweep):

@@ -3,7 +3,14 @@
 import json
 import os
 
-from sparsescale.config import MODES, RUN_ID_PATTERN, run_id, run_id_suffix, sweep_seeds
+from sparsescale.config import (
+    MODES,
+    RUN_ID_PATTERN,
+    lr_factor,
+    run_id,
+    run_id_suffix,
+    sweep_seeds,
+)
 
 ENV = "../envs/sparsescale.yaml"  # conda environment of every rule (--use-conda), relative to workflow/rules
 
@@ -141,16 +148,19 @@ def per_size(table, size, what):
     )
 
 
-def run_lr(size, prec, mode="scratch"):
+def run_lr(size, prec, mode="scratch", s=None):
     """The peak learning rate of one run, from one place: a continue/finetune stage's own `lr` when it sets
-    one, else train.lr (a number, {precision: ...} and/or {size: ..., default: ...})."""
+    one, else train.lr (a number, {precision: ...} and/or {size: ..., default: ...}) times the train.lr_factor
+    of the run's sparsity `s` and precision (none given: the table's rate, the tune grid's centre).
+    """
     stage = config.get(mode, {}) if mode != "scratch" else {}
     if stage.get("lr") is not None:
         return stage["lr"]
     lr = config["train"]["lr"]
     if isinstance(lr, dict) and prec in lr:
         lr = lr[prec]
-    return per_size(lr, size, "train.lr")
+    lr = per_size(lr, size, "train.lr")
+    return lr if s is None else lr * lr_factor(config["train"], s, prec)
 
 
 def tuned():
@@ -232,7 +242,7 @@ def train_args(size, s, prec, seed, mode="scratch", **override):
         "lr": (
             f"$(sparsescale tune lr {TUNE_LR} --size {size} --precision {prec} --sparsity {s})"
             if tuned() and mode == "scratch"
-            else run_lr(size, prec, mode)
+            else run_lr(size, prec, mode, s)
         ),
         "seq-len": t["seq_len"],
         "batch-size": per_size(t["batch_size"], size, "train.batch_size"),
