@@ -239,8 +239,9 @@ def _column_run(sweep: str, column: str, cell: str) -> Path:
 # cell rows the probes indexes quote at least (each probe and each sweep run beside it is one)
 INDEX_CHECKS = {
     # the 8M tables (14 probes, 14 sweep runs), the 16M S = 0.9 one (6 probes, 6 + 6 beside them) and its dense
-    # one (2 runs of the D = 16M sweep, 2 + 2 beside them), the 1.58-bit half-rate ones (13 probes, 13 sweep runs)
-    "cpu4m": 78,
+    # one (2 runs of the D = 16M sweep, 2 + 2 beside them; then seeds 0 and 1 of both, 4), the 1.58-bit half-rate
+    # ones (13 probes, 13 sweep runs)
+    "cpu4m": 82,
     "cpu16m": 2,  # the d5 dense half-rate probe and the sweep run beside it
 }
 
