@@ -60,17 +60,7 @@ def check_lr_factor(config):
         )
     seen = {}
     for i, e in enumerate(entries):
-        if not any(abs(e["sparsity"] - s) < 1e-9 for s in sweep["sparsity"]):
-            raise WorkflowError(
-                f"config train.lr_factor[{i}].sparsity: {e['sparsity']} is not in sweep.sparsity "
-                f"{sweep['sparsity']}; name a sparsity of the grid"
-            )
-        off = [p for p in e.get("precision") or [] if p not in sweep["precision"]]
-        if off:
-            raise WorkflowError(
-                f"config train.lr_factor[{i}].precision: {off[0]} is not in sweep.precision "
-                f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
-            )
+        check_cell_entry(f"train.lr_factor[{i}]", e, sweep)
         for p in e.get("precision") or sweep["precision"]:
             key = (round(e["sparsity"], 9), p)
             if key in seen:
@@ -85,19 +75,8 @@ def check_extra_seeds(sweep):
     """sweep.extra_seeds: each names a sparsity of the grid, precisions of the sweep (optional), and seeds that
     sweep.seeds and the other entries do not run already at that sparsity and precision.
     """
-    grid = sweep["sparsity"]
     for i, e in enumerate(sweep.get("extra_seeds") or []):
-        if not any(abs(e["sparsity"] - s) < 1e-9 for s in grid):
-            raise WorkflowError(
-                f"config sweep.extra_seeds[{i}].sparsity: {e['sparsity']} is not in sweep.sparsity "
-                f"{grid}; name a sparsity of the grid"
-            )
-        off = [p for p in e.get("precision") or [] if p not in sweep["precision"]]
-        if off:
-            raise WorkflowError(
-                f"config sweep.extra_seeds[{i}].precision: {off[0]} is not in sweep.precision "
-                f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
-            )
+        check_cell_entry(f"sweep.extra_seeds[{i}]", e, sweep)
         for p in e.get("precision") or sweep["precision"]:
             at_s = sweep_seeds(sweep, e["sparsity"], p)
             twice = sorted({x for x in at_s if at_s.count(x) > 1})
@@ -106,6 +85,22 @@ def check_extra_seeds(sweep):
                     f"config sweep.extra_seeds[{i}].seeds: seed {twice[0]} runs twice at S = {e['sparsity']}, "
                     f"precision {p} (sweep.seeds is {sweep['seeds']}); list only seeds beyond sweep.seeds, once each"
                 )
+
+
+def check_cell_entry(where, e, sweep):
+    """An entry that names a sparsity of the grid and, optionally, precisions of the sweep (sweep.extra_seeds,
+    train.lr_factor)."""
+    if not any(abs(e["sparsity"] - s) < 1e-9 for s in sweep["sparsity"]):
+        raise WorkflowError(
+            f"config {where}.sparsity: {e['sparsity']} is not in sweep.sparsity "
+            f"{sweep['sparsity']}; name a sparsity of the grid"
+        )
+    off = [p for p in e.get("precision") or [] if p not in sweep["precision"]]
+    if off:
+        raise WorkflowError(
+            f"config {where}.precision: {off[0]} is not in sweep.precision "
+            f"{sweep['precision']}; name a precision of the sweep, or leave the key out for all"
+        )
 
 
 def check_data_files(config):
