@@ -262,6 +262,14 @@ def test_lr_factor_of_a_sparsity_and_precision():
     assert lr_factor({}, 0.9, "1.58") == lr_factor({"lr_factor": None}, 0.9, "1.58") == 1.0
 
 
+def test_same_sparsity_matches_grid_values_across_types():
+    """The one sparsity match of sweep_seeds, lr_factor and the config checks: YAML floats, wildcard strings."""
+    from sparsescale.config import same_sparsity
+
+    assert same_sparsity(0.9, "0.90") and same_sparsity(0.3, 0.1 + 0.2) and same_sparsity("0.50", 0.5)
+    assert not same_sparsity(0.9, 0.8) and not same_sparsity(0.0, 0.01) and not same_sparsity("0.70", 0.75)
+
+
 def train_commands(*configfiles, cwd=ROOT) -> dict[str, list[str]]:
     """The `sparsescale train` command lines of a forced dry run, by rule name."""
     p = snakemake("-n", "-p", "--forceall", "--configfile", *configfiles, cwd=cwd)

@@ -153,6 +153,11 @@ def run_id(size: str, sparsity: float | str, precision: str, seed: int | str, mo
         + run_id_suffix(mode, block)
 
 
+def same_sparsity(a: float | str, b: float | str) -> bool:
+    """Whether two sparsities of a config are the same grid value (floats from YAML, strings from wildcards)."""
+    return abs(float(a) - float(b)) < 1e-9
+
+
 def sweep_seeds(sweep: dict, sparsity: float, precision: str) -> list[int]:
     """The seeds a sweep (config `sweep`) runs at one sparsity and precision: sweep.seeds, then those of every
     sweep.extra_seeds entry at that sparsity whose `precision` (default: every precision of the sweep) names it.
@@ -160,7 +165,7 @@ def sweep_seeds(sweep: dict, sparsity: float, precision: str) -> list[int]:
     extra = [
         seed
         for e in sweep.get("extra_seeds") or []
-        if abs(e["sparsity"] - sparsity) < 1e-9 and precision in (e.get("precision") or sweep["precision"])
+        if same_sparsity(e["sparsity"], sparsity) and precision in (e.get("precision") or sweep["precision"])
         for seed in e["seeds"]
     ]
     return list(sweep["seeds"]) + extra
@@ -171,7 +176,7 @@ def lr_factor(train: dict, sparsity: float, precision: str) -> float:
     the entry that names this sparsity and (by its optional `precision`, default every precision) this precision,
     else 1. The workflow's config check refuses two entries for the same sparsity and precision."""
     for e in train.get("lr_factor") or []:
-        if abs(e["sparsity"] - float(sparsity)) < 1e-9 and precision in (e.get("precision") or [precision]):
+        if same_sparsity(e["sparsity"], sparsity) and precision in (e.get("precision") or [precision]):
             return float(e["factor"])
     return 1.0
 

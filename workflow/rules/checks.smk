@@ -6,7 +6,7 @@ import glob
 
 from snakemake.exceptions import WorkflowError
 
-from sparsescale.config import sweep_seeds
+from sparsescale.config import same_sparsity, sweep_seeds
 
 
 def _where(path):
@@ -90,7 +90,7 @@ def check_extra_seeds(sweep):
 def check_cell_entry(where, e, sweep):
     """An entry that names a sparsity of the grid and, optionally, precisions of the sweep (sweep.extra_seeds,
     train.lr_factor)."""
-    if not any(abs(e["sparsity"] - s) < 1e-9 for s in sweep["sparsity"]):
+    if not any(same_sparsity(e["sparsity"], s) for s in sweep["sparsity"]):
         raise WorkflowError(
             f"config {where}.sparsity: {e['sparsity']} is not in sweep.sparsity "
             f"{sweep['sparsity']}; name a sparsity of the grid"
