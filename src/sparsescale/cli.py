@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "aggregate": ("sparsescale.aggregate", "cli_aggregate", "collect final.json files into results/tables/runs.csv"),
     "tune": ("sparsescale.tune", "cli_tune", "learning rates from a grid of tune runs (select; lr of one size)"),
     "fit": ("sparsescale.fit", "cli_fit", "fit L(N,S) per precision with bootstrap intervals"),
+    "compare-fits": ("sparsescale.compare", "cli_compare_fits", "S* of two fits (e.g. two token budgets) and their difference"),
     "optimal-sparsity": ("sparsescale.fit", "cli_optimal_sparsity", "S* and N/N_a for given law constants"),
     "figures": ("sparsescale.plots", "cli_figures", "draw the figures from runs.csv and the fit JSONs"),
     "tables": ("sparsescale.tables", "cli_tables", "write Markdown/LaTeX/CSV tables from runs.csv and the fit JSONs"),

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from sparsescale import diagnostics as dg
+from sparsescale.compare import compare_fits
 from sparsescale.errors import UserError
 from sparsescale.io import dumps_json, versions, write_json
 from sparsescale.scaling import (
@@ -222,23 +223,12 @@ def _fit_report_args(a):
 
 def compare_precisions(fp: dict, b158: dict) -> dict | None:
     """S*(1.58) - S*(fp): point estimate, bootstrap interval (resamples of the two independent fits paired by
-    index, both with a finite optimum) and the share of pairs where 1.58-bit is sparser."""
-    a = np.array([np.nan if v is None else v for v in fp["bootstrap"].get("s_star_samples", [])], float)
-    b = np.array([np.nan if v is None else v for v in b158["bootstrap"].get("s_star_samples", [])], float)
-    m = min(len(a), len(b))
-    if not m:
+    index, both with a finite optimum) and the share of pairs where 1.58-bit is sparser (compare.compare_fits)."""
+    d = compare_fits(fp, b158)
+    if d is None:
         return None
-    a, b = a[:m], b[:m]
-    ok = np.isfinite(a) & np.isfinite(b) & (a < 1) & (b < 1)
-    level = fp["bootstrap"]["level"]
-    d = b[ok] - a[ok]
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {
-        "difference": b158["s_star"] - fp["s_star"],
-        "difference_ci": [float(v) for v in np.percentile(d, q)] if len(d) else [None, None],
-        "share_1.58_sparser": float((d > 0).mean()) if len(d) else None,
-        "n_pairs": int(ok.sum()),
-    }
+    return {"difference": d["difference"], "difference_ci": d["difference_ci"],
+            "share_1.58_sparser": d["share_b_sparser"], "n_pairs": d["n_pairs"]}
 
 
 def optimal_sparsity_summary(reports: dict, form: str = "paper") -> dict:
